@@ -1,0 +1,1 @@
+"""Part of scrit; see DESIGN.md."""
