@@ -1,0 +1,646 @@
+"""Run configuration: typed msgspec structs loaded from YAML plus ``a.b=c`` overrides.
+
+Defaults fit a 2-core CPU laptop running the built-in ``arith`` domain with the shipped seed model
+(DESIGN.md §5, §11); a cluster user overrides resources, models and sizes in a YAML file or on the
+command line. Every error is a ``ConfigError`` naming the full dotted key, because a typo in a
+60-line config otherwise surfaces as a crash minutes into a distributed run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import reprlib
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import msgspec
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "DomainConfig",
+    "CriticConfig",
+    "SolverSpec",
+    "CorrectorConfig",
+    "ValidatorConfig",
+    "BufferConfig",
+    "TrainConfig",
+    "ResourcesConfig",
+    "ServeConfig",
+    "MetricsConfig",
+    "ScritConfig",
+    "BACKENDS",
+    "default_config",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_yaml",
+    "validate",
+]
+
+Backend = Literal["hf", "vllm", "http"]
+CritiqueMode = Literal["contrastive", "direct", "bug_injection"]
+DomainName = Literal["arith", "gsm8k"]
+Strategy = Literal["ddp", "deepspeed"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+BACKENDS: tuple[str, ...] = ("hf", "vllm", "http")
+SEED_MODEL = "seed"  # the project's own seed critic (DESIGN.md §5)
+API_KEY_ENV = "SCRIT_API_KEY"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the dotted key (``train.lr``) and the problem."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base: keyword-only, unknown keys rejected (a misspelt key must never be silently ignored)."""
+
+
+class RunConfig(_Section):
+    name: str = "default"
+    run_dir: str = "runs/default"  # checkpoints, registry, metrics and summaries go here
+    seed: int = 0
+    max_wall_seconds: float = 900.0  # the whole run stops (cleanly) after this long
+    versions: int = 4  # critic versions to publish after the seed (version 0)
+    eval_every_version: bool = True  # held-out EI-F1 / CC-Acc after each published version
+    heldout_eval_items: int = 200  # 0 disables held-out evaluation
+    keep_serving: bool = False  # leave the Serve endpoint up after the last version
+
+
+class DomainConfig(_Section):
+    name: DomainName = "arith"
+    data_path: str | None = None  # gsm8k JSONL; unused by arith
+    num_problems: int = 1000  # training problem pool size
+    min_ops: int = 2  # arith: operations per problem
+    max_ops: int = 5
+    heldout_seed: int = 1_000_003  # held-out problems come from a different stream than run.seed
+
+
+class CriticConfig(_Section):
+    model: str = SEED_MODEL  # "seed", a checkpoint directory, or an http(s) OpenAI-compatible URL
+    backend: Backend = "hf"
+    device: str = "auto"
+    dtype: DType = "auto"
+    batch_size: int = 16
+    max_new_tokens: int = 512  # the seed tokenizer is character-level: tokens = characters
+    temperature: float = 0.0  # 0 = greedy
+    mode: CritiqueMode = "contrastive"
+
+
+class SolverSpec(_Section):
+    model: str = SEED_MODEL
+    backend: Backend = "hf"
+    device: str = "auto"
+    dtype: DType = "auto"
+    temperature: float = 1.0  # sampling diversity yields both correct and incorrect solutions
+    samples_per_problem: int = 4
+    max_new_tokens: int = 256
+
+
+class CorrectorConfig(_Section):
+    model: str | None = None  # None = the critic continues its own output (as in the paper)
+    backend: Backend = "hf"
+    max_new_tokens: int = 256
+
+
+class ValidatorConfig(_Section):
+    enabled: bool = True
+    require_answer_match: bool = True  # the correction's answer must also equal the known answer
+
+
+class BufferConfig(_Section):
+    capacity: int = 2048
+    correct_ratio: float = 0.5  # share of examples whose student solution was correct (0.5 = 1:1)
+    max_staleness: int = 1  # versions an example may lag the trainer; 0 = synchronous rounds
+    max_ahead: int = 64  # backpressure: examples producers may hold beyond what the trainer consumed
+
+
+class TrainConfig(_Section):
+    strategy: Strategy = "ddp"
+    zero_stage: int = 2  # DeepSpeed only
+    num_workers: int = 1
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps_per_version: int = 25  # K: optimizer steps between published versions
+    max_seq_len: int = 1024
+    bf16: bool = True  # bf16 autocast is ~1.6x faster than fp32 on the dev CPUs
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+
+
+class ResourcesConfig(_Section):
+    """Ray resource sizes; fractional by default because 2 cores otherwise deadlock (DESIGN.md §11)."""
+
+    actor_num_cpus: float = 0.25  # every solver / critic / corrector / validator / buffer actor
+    train_worker_num_cpus: float = 0.5
+    serve_replica_num_cpus: float = 0.25
+    actor_num_gpus: float = 0.0
+    train_worker_num_gpus: float = 0.0
+    serve_replica_num_gpus: float = 0.0
+    serve_replicas: int = 1
+
+
+class ServeConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # None: fall back to $SCRIT_API_KEY; neither set = no auth
+    max_problem_chars: int = 4000
+    max_steps: int = 64
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+
+    def resolved_api_key(self) -> str | None:
+        """The key requests must carry; read at use time so the secret never lands in dumped configs."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    port: int = 0  # 0 = pick a free port
+
+
+class ScritConfig(_Section):
+    run: RunConfig = msgspec.field(default_factory=RunConfig)
+    domain: DomainConfig = msgspec.field(default_factory=DomainConfig)
+    critic: CriticConfig = msgspec.field(default_factory=CriticConfig)
+    solvers: list[SolverSpec] = msgspec.field(default_factory=lambda: [SolverSpec()])
+    corrector: CorrectorConfig = msgspec.field(default_factory=CorrectorConfig)
+    validator: ValidatorConfig = msgspec.field(default_factory=ValidatorConfig)
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    train: TrainConfig = msgspec.field(default_factory=TrainConfig)
+    resources: ResourcesConfig = msgspec.field(default_factory=ResourcesConfig)
+    serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (PyYAML's YAML 1.1 rules make it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_error_text(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return problem
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file '{path}': {error}") from error
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"malformed YAML in '{path}': {_yaml_error_text(error)}") from error
+    if data is None:  # an empty file means "all defaults"
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file '{path}': the top level must be a mapping of sections, got {_kind(data)}"
+        )
+    # A section written as a bare key (``train:``) keeps its defaults rather than failing as null.
+    return {key: value for key, value in data.items() if value is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema walking and error messages
+
+_ROOT_INFO = msgspec.inspect.type_info(ScritConfig)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _struct_in(info: Any) -> Any:
+    """The StructType inside ``info`` (directly or as a union member), else None."""
+    if isinstance(info, msgspec.inspect.StructType):
+        return info
+    if isinstance(info, msgspec.inspect.UnionType):
+        for member in info.types:
+            if isinstance(member, msgspec.inspect.StructType):
+                return member
+    return None
+
+
+def _unknown_key(path: str, key: Any, struct: Any) -> ConfigError:
+    valid = [field.name for field in struct.fields]
+    dotted = _join(path, key)
+    where = f"in '{path}'" if path else "(sections)"
+    message = f"unknown key '{dotted}'"
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    if close:
+        message += f" (did you mean '{_join(path, close[0])}'?)"
+    return ConfigError(f"{message}; valid keys {where}: {', '.join(valid)}")
+
+
+def _check_keys(data: Any, info: Any, path: str = "") -> None:
+    """Reject unknown keys anywhere, naming the dotted key and the section's valid keys."""
+    struct = _struct_in(info)
+    if struct is not None and isinstance(data, dict):
+        fields = {field.name: field for field in struct.fields}
+        for key, value in data.items():
+            if key not in fields:
+                raise _unknown_key(path, key, struct)
+            _check_keys(value, fields[key].type, _join(path, key))
+    elif isinstance(info, msgspec.inspect.ListType) and isinstance(data, list):
+        for index, item in enumerate(data):
+            _check_keys(item, info.item_type, _join(path, index))
+
+
+_PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
+
+
+def _split_msgspec_path(path: str) -> list[str | int]:
+    """``$.solvers[0].temperature`` -> ['solvers', 0, 'temperature']."""
+    return [name if name else int(index) for name, index in _PATH_TOKEN.findall(path.lstrip("$"))]
+
+
+def _dotted(tokens: Iterable[str | int]) -> str:
+    path = ""
+    for token in tokens:
+        path = _join(path, token)
+    return path
+
+
+def _lookup(data: Any, tokens: list[str | int]) -> Any:
+    for token in tokens:
+        try:
+            data = data[token]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _type_at(tokens: list[str | int]) -> Any:
+    info: Any = _ROOT_INFO
+    for token in tokens:
+        struct = _struct_in(info)
+        if isinstance(token, str) and struct is not None:
+            info = next((f.type for f in struct.fields if f.name == token), None)
+        elif isinstance(token, int) and isinstance(info, msgspec.inspect.ListType):
+            info = info.item_type
+        else:
+            return None
+    return info
+
+
+def _literal_values(info: Any) -> tuple[Any, ...]:
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return info.values
+    if isinstance(info, msgspec.inspect.UnionType):
+        return tuple(v for member in info.types for v in _literal_values(member))
+    return ()
+
+
+_TYPE_WORDS = {"object": "mapping", "array": "list"}
+
+
+def _translate(error: msgspec.ValidationError, data: Any) -> ConfigError:
+    """Turn msgspec's ``Expected `float`, got `str` - at `$.train.lr``` into
+    ``train.lr: expected float, got str 'abc'``: the dotted key a user can grep their YAML for."""
+    text = str(error)
+    match = re.match(r"(?s)(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", text)
+    assert match is not None  # the pattern matches any string
+    msg, tokens = match["msg"], _split_msgspec_path(match["path"] or "$")
+    key = _dotted(tokens)
+    value = _lookup(data, tokens)
+    shown = reprlib.repr(value)
+
+    unknown = re.match(r"Object contains unknown field `(.*)`", msg)
+    if unknown:
+        struct = _struct_in(_type_at(tokens))
+        if struct is not None:
+            return _unknown_key(key, unknown[1], struct)
+        return ConfigError(f"unknown key '{_join(key, unknown[1])}'")
+    expected = re.match(r"Expected `(.*?)`, got `(.*?)`(.*)", msg)
+    if expected:
+        want = " | ".join(_TYPE_WORDS.get(part, part) for part in expected[1].split(" | "))
+        got = _TYPE_WORDS.get(expected[2], expected[2])
+        suffix = "" if value is None or isinstance(value, (dict, list)) else f" {shown}"
+        return ConfigError(f"{key or 'config'}: expected {want}, got {got}{suffix}{expected[3]}")
+    if msg.startswith("Invalid enum value"):
+        allowed = ", ".join(repr(v) for v in _literal_values(_type_at(tokens)))
+        return ConfigError(f"{key}: must be one of {allowed}, got {shown}")
+    # Anything else msgspec says (constraints, missing fields) still gets the dotted key.
+    return ConfigError(f"{key or 'config'}: {msg[:1].lower()}{msg[1:]}")
+
+
+def _convert(data: Any, source: str | None = None) -> ScritConfig:
+    """Dict -> ScritConfig with readable errors (``source`` prefixes them, e.g. a file path)."""
+    try:
+        if not isinstance(data, dict):
+            raise ConfigError(f"the config must be a mapping of sections, got {_kind(data)}")
+        _check_keys(data, _ROOT_INFO)
+        try:
+            return msgspec.convert(data, ScritConfig)
+        except msgspec.ValidationError as error:
+            raise _translate(error, data) from error
+    except ConfigError as error:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {error}", [f"{source}: {p}" for p in error.problems]) from error
+
+
+# --------------------------------------------------------------------------------------------------
+# Value checks
+
+
+def _range_problems(cfg: ScritConfig) -> list[str]:
+    """Values that type-check but would break or silently corrupt a run."""
+    problems: list[str] = []
+
+    def need(condition: bool, key: str, rule: str, value: Any) -> None:
+        if not condition:
+            problems.append(f"{key}: {rule}, got {value!r}")
+
+    def at_least(key: str, value: float, minimum: float) -> None:
+        need(value >= minimum, key, f"must be >= {minimum}", value)
+
+    def positive(key: str, value: float) -> None:
+        need(value > 0, key, "must be > 0", value)
+
+    def one_of(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+        need(value in allowed, key, f"must be one of {', '.join(map(repr, allowed))}", value)
+
+    def non_empty(key: str, value: str) -> None:
+        need(bool(value.strip()), key, "must not be empty", value)
+
+    def port(key: str, value: int) -> None:
+        need(0 <= value <= 65535, key, "must be a port in 0..65535", value)
+
+    def model_backend(prefix: str, model: str | None, backend: str) -> None:
+        one_of(f"{prefix}.backend", backend, BACKENDS)
+        if model is None:
+            return
+        non_empty(f"{prefix}.model", model)
+        is_url = model.startswith(("http://", "https://"))
+        if backend == "http":
+            need(is_url, f"{prefix}.model", "backend 'http' needs an http(s) URL", model)
+        elif is_url:
+            need(False, f"{prefix}.backend", f"must be 'http' for the URL model {model!r}", backend)
+
+    run, domain, critic, buffer, train = cfg.run, cfg.domain, cfg.critic, cfg.buffer, cfg.train
+    non_empty("run.name", run.name)
+    non_empty("run.run_dir", run.run_dir)
+    positive("run.max_wall_seconds", run.max_wall_seconds)
+    at_least("run.versions", run.versions, 1)
+    at_least("run.heldout_eval_items", run.heldout_eval_items, 0)
+
+    one_of("domain.name", domain.name, ("arith", "gsm8k"))
+    at_least("domain.num_problems", domain.num_problems, 1)
+    at_least("domain.min_ops", domain.min_ops, 1)
+    at_least("domain.max_ops", domain.max_ops, domain.min_ops)
+    # The same seed for training and held-out problems would evaluate on the training set.
+    need(domain.heldout_seed != run.seed, "domain.heldout_seed", "must differ from run.seed",
+         domain.heldout_seed)
+
+    model_backend("critic", critic.model, critic.backend)
+    one_of("critic.dtype", critic.dtype, ("auto", "float32", "bfloat16", "float16"))
+    one_of("critic.mode", critic.mode, ("contrastive", "direct", "bug_injection"))
+    at_least("critic.batch_size", critic.batch_size, 1)
+    at_least("critic.max_new_tokens", critic.max_new_tokens, 1)
+    at_least("critic.temperature", critic.temperature, 0)
+
+    need(len(cfg.solvers) >= 1, "solvers", "needs at least one solver", cfg.solvers)
+    for index, solver in enumerate(cfg.solvers):
+        prefix = f"solvers[{index}]"
+        model_backend(prefix, solver.model, solver.backend)
+        one_of(f"{prefix}.dtype", solver.dtype, ("auto", "float32", "bfloat16", "float16"))
+        at_least(f"{prefix}.temperature", solver.temperature, 0)
+        at_least(f"{prefix}.samples_per_problem", solver.samples_per_problem, 1)
+        at_least(f"{prefix}.max_new_tokens", solver.max_new_tokens, 1)
+
+    model_backend("corrector", cfg.corrector.model, cfg.corrector.backend)
+    at_least("corrector.max_new_tokens", cfg.corrector.max_new_tokens, 1)
+
+    at_least("buffer.capacity", buffer.capacity, 1)
+    ratio = buffer.correct_ratio
+    need(0.0 <= ratio <= 1.0, "buffer.correct_ratio", "must be in [0, 1]", ratio)
+    at_least("buffer.max_staleness", buffer.max_staleness, 0)
+    at_least("buffer.max_ahead", buffer.max_ahead, 1)  # 0 would stall the producers for good
+    # The trainer draws whole batches; a smaller buffer could never supply one.
+    need(buffer.capacity >= train.batch_size, "buffer.capacity",
+         f"must be >= train.batch_size ({train.batch_size})", buffer.capacity)
+
+    one_of("train.strategy", train.strategy, ("ddp", "deepspeed"))
+    one_of("train.zero_stage", train.zero_stage, (0, 1, 2, 3))
+    at_least("train.num_workers", train.num_workers, 1)
+    positive("train.lr", train.lr)
+    at_least("train.batch_size", train.batch_size, 1)
+    at_least("train.grad_accum", train.grad_accum, 1)
+    at_least("train.steps_per_version", train.steps_per_version, 1)
+    at_least("train.max_seq_len", train.max_seq_len, 16)
+    at_least("train.weight_decay", train.weight_decay, 0)
+    at_least("train.warmup_steps", train.warmup_steps, 0)
+    positive("train.max_grad_norm", train.max_grad_norm)
+
+    for name in msgspec.structs.fields(ResourcesConfig):
+        if name.name != "serve_replicas":
+            at_least(f"resources.{name.name}", getattr(cfg.resources, name.name), 0)
+    at_least("resources.serve_replicas", cfg.resources.serve_replicas, 1)
+
+    serve = cfg.serve
+    non_empty("serve.host", serve.host)
+    port("serve.port", serve.port)
+    need(serve.api_key is None or bool(serve.api_key), "serve.api_key", "must be null or non-empty",
+         serve.api_key)
+    at_least("serve.max_problem_chars", serve.max_problem_chars, 1)
+    at_least("serve.max_steps", serve.max_steps, 1)
+    at_least("serve.max_batch_size", serve.max_batch_size, 1)
+    at_least("serve.batch_wait_timeout_s", serve.batch_wait_timeout_s, 0)
+    port("metrics.port", cfg.metrics.port)
+    return problems
+
+
+def validate(cfg: ScritConfig) -> ScritConfig:
+    """Check types (also for configs built in code, which msgspec does not check) and value ranges.
+
+    Returns ``cfg`` unchanged; raises ConfigError listing every problem, one ``key: problem`` per line.
+    """
+    if not isinstance(cfg, ScritConfig):
+        raise ConfigError(f"expected a ScritConfig, got {type(cfg).__name__}")
+    try:
+        data = msgspec.to_builtins(cfg)
+    except TypeError as error:  # a value of a type msgspec cannot even serialize
+        raise ConfigError(f"config holds a value of an unsupported type: {error}") from error
+    _convert(data)  # type check: structs built directly are not validated by msgspec
+    problems = _range_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems), problems)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def default_config() -> ScritConfig:
+    """The laptop defaults (arith + seed model, fractional CPUs)."""
+    return ScritConfig()
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ScritConfig:
+    """A (possibly partial) nested dict -> validated config; missing keys keep their defaults."""
+    return validate(_convert(dict(data)))
+
+
+def config_to_dict(cfg: ScritConfig, *, redact: bool = False) -> dict[str, Any]:
+    """Plain builtins for summaries and logging.
+
+    ``redact`` drops the API key, so a reloaded copy falls back to $SCRIT_API_KEY.
+    """
+    data = msgspec.to_builtins(cfg)
+    if redact and data["serve"].get("api_key") is not None:
+        data["serve"]["api_key"] = None
+    return data
+
+
+def dump_yaml(cfg: ScritConfig, *, redact: bool = True) -> str:
+    """YAML that ``load_config`` reads back; redacts the API key by default since dumps land in run dirs."""
+    return yaml.safe_dump(config_to_dict(cfg, redact=redact), sort_keys=False, default_flow_style=False)
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ScritConfig:
+    """Defaults, updated by the YAML file at ``path`` (may be partial), then by ``overrides``; validated."""
+    if path is None:
+        cfg = default_config()
+    else:
+        cfg = _convert(_read_yaml(Path(path)), source=str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def _parse_override(item: str) -> tuple[list[str | int], str, Any]:
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"malformed override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    normalized = re.sub(r"\[(\d+)\]", r".\1", key)  # solvers[0].temperature == solvers.0.temperature
+    parts = normalized.split(".")
+    if not key or any(not part for part in parts):
+        raise ConfigError(f"malformed override {item!r}: the key must be dotted names like train.lr")
+    tokens: list[str | int] = [int(p) if p.isdigit() else p for p in parts]
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as error:
+        problem = _yaml_error_text(error)
+        raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {problem}") from error
+    return tokens, raw.strip(), value
+
+
+def _accepts_str(info: Any) -> bool:
+    if isinstance(info, msgspec.inspect.StrType):
+        return True
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return any(isinstance(v, str) for v in info.values)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return any(_accepts_str(member) for member in info.types)
+    return False
+
+
+def _accepts_scalar(info: Any, value: Any) -> bool:
+    kinds = {bool: msgspec.inspect.BoolType, int: msgspec.inspect.IntType, float: msgspec.inspect.FloatType}
+    wanted = kinds.get(type(value))
+    members = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    return wanted is not None and any(isinstance(m, wanted) for m in members)
+
+
+def _deep_merge(old: Any, new: Any) -> Any:
+    """Mapping values merge into the existing section (``train={lr: 1}`` keeps other train keys)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        merged = dict(old)
+        for key, value in new.items():
+            merged[key] = _deep_merge(old.get(key), value)
+        return merged
+    return new
+
+
+def _set_path(data: dict[str, Any], tokens: list[str | int], value: Any) -> None:
+    node: Any = data
+    for depth, token in enumerate(tokens):
+        here = _dotted(tokens[:depth])
+        last = depth == len(tokens) - 1
+        if isinstance(node, dict):
+            if token not in node:
+                struct = _struct_in(_type_at(tokens[:depth])) or _struct_in(_ROOT_INFO)
+                raise _unknown_key(here, token, struct)
+            if last:
+                node[token] = _deep_merge(node[token], value)
+            else:
+                node = node[token]
+        elif isinstance(node, list):
+            if not isinstance(token, int):
+                raise ConfigError(f"{here}: is a list; index it with a number, e.g. {here}[0]")
+            if not 0 <= token < len(node):
+                raise ConfigError(f"{_join(here, token)}: index out of range ({here} has {len(node)} items)")
+            if last:
+                node[token] = _deep_merge(node[token], value)
+            else:
+                node = node[token]
+        else:
+            raise ConfigError(f"{here}: is a value, not a section; cannot set '{_dotted(tokens)}'")
+
+
+def apply_overrides(cfg: ScritConfig, overrides: Iterable[str]) -> ScritConfig:
+    """A new validated config with each ``a.b=value`` applied (values use YAML scalar rules).
+
+    ``cfg`` is not modified. A value for a string field keeps its literal text (``run.name=2024``).
+    """
+    if isinstance(overrides, str):  # a lone "a=b" would otherwise be iterated character by character
+        overrides = [overrides]
+    data = msgspec.to_builtins(cfg)
+    for item in overrides:
+        tokens, raw, value = _parse_override(item)
+        info = _type_at(tokens)
+        if (
+            isinstance(value, (bool, int, float))
+            and _accepts_str(info)
+            and not _accepts_scalar(info, value)
+        ):
+            value = raw
+        _set_path(data, tokens, value)
+    return validate(_convert(data))
