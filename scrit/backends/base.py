@@ -1,0 +1,48 @@
+"""The one inference interface every role uses (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    max_new_tokens: int = 384
+    temperature: float = 0.0  # 0 means greedy decoding
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # generation ends after the first of these strings (kept in the text)
+    seed: int | None = None
+
+
+class Generation(msgspec.Struct, frozen=True):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    version: int  # model version that produced the text
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """Batched text generation plus weight hot-swap."""
+
+    @property
+    def version(self) -> int: ...
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]: ...
+
+    def load_weights(self, version: int, path: str) -> None:
+        """Switch to the checkpoint at ``path``; later generate() calls use it and report ``version``."""
+        ...
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` right after the earliest stop string; returns (text, stopped)."""
+    cut = None
+    for marker in stop:
+        position = text.find(marker)
+        if position >= 0 and (cut is None or position + len(marker) < cut):
+            cut = position + len(marker)
+    if cut is None:
+        return text, False
+    return text[:cut], True
