@@ -1,0 +1,119 @@
+"""Prompts for every role and the one canonical critique format (DESIGN.md §4).
+
+The canonical critique, sections in this order::
+
+    Reference analysis: ...                     (contrastive mode only; never in training targets)
+    Step 1: 12 + 5 = 17, expected 12 + 5 = 17: correct
+    Step 2: 17 * 3 = 52, expected 17 * 3 = 51: wrong
+    Conclusion: incorrect, first wrong step 2
+    Correction:
+    Step 2: 17 * 3 = 51
+    Step 3: 51 - 4 = 47
+    The answer is \\boxed{47}.
+
+One line per student step up to the first wrong one (steps are numbered from 1 in text), each ending
+in ``: correct`` or ``: wrong``; the part before the verdict is free text (the arith seed writes the
+student's step and the step it expected). A correct solution ends with ``Conclusion: correct, no
+wrong step``, ``Correction: none needed`` and its own answer boxed.
+"""
+
+from __future__ import annotations
+
+import re
+
+SOLVER_HEADER = "Solve the problem step by step."
+CONTRASTIVE_HEADER = "Critique the student solution against the reference solution."
+DIRECT_HEADER = "Critique the student solution."
+
+# Real instruction-tuned LLMs need the format spelled out; the seed learned it from its corpus.
+FORMAT_INSTRUCTIONS = (
+    "Check the student's steps in order. Write one line per step, `Step k: <what you checked>: correct` "
+    "or `: wrong`, and stop at the first wrong step. Then write `Conclusion: correct, no wrong step` or "
+    "`Conclusion: incorrect, first wrong step k`. Then `Correction:` followed by the corrected steps "
+    "from the first wrong step on (or `none needed`), ending with `The answer is \\boxed{answer}.`"
+)
+SOLVER_FORMAT_INSTRUCTIONS = (
+    "Write one step per line as `Step k: ...` and end with `The answer is \\boxed{answer}.`"
+)
+
+CRITIQUE_START = "Critique:\n"
+CORRECTION_MARKER = "Correction:"
+CONCLUSION_CORRECT = "Conclusion: correct, no wrong step"
+
+
+def _header(base: str, instructions: str, style: str) -> str:
+    if style == "compact":
+        return base
+    if style == "instruct":
+        return f"{base} {instructions}"
+    raise ValueError(f"unknown prompt style {style!r} (expected 'compact' or 'instruct')")
+
+
+def solver_prompt(problem: str, style: str = "compact") -> str:
+    return f"{_header(SOLVER_HEADER, SOLVER_FORMAT_INSTRUCTIONS, style)}\nProblem: {problem}\nSolution:\n"
+
+
+def critic_prompt(problem: str, solution: str, reference: str | None = None, style: str = "compact") -> str:
+    """Contrastive prompt when a reference is given, direct prompt otherwise."""
+    if reference is None:
+        head = _header(DIRECT_HEADER, FORMAT_INSTRUCTIONS, style)
+        return f"{head}\nProblem: {problem}\nStudent:\n{solution}\n{CRITIQUE_START}"
+    head = _header(CONTRASTIVE_HEADER, FORMAT_INSTRUCTIONS, style)
+    return f"{head}\nProblem: {problem}\nReference:\n{reference}\nStudent:\n{solution}\n{CRITIQUE_START}"
+
+
+def step_line(index: int, checked: str, correct: bool) -> str:
+    """``Step k: <checked>: correct|wrong`` with k = index + 1."""
+    return f"Step {index + 1}: {checked}: {'correct' if correct else 'wrong'}"
+
+
+def conclusion_line(first_error_step: int) -> str:
+    if first_error_step < 0:
+        return CONCLUSION_CORRECT
+    return f"Conclusion: incorrect, first wrong step {first_error_step + 1}"
+
+
+def render_critique(
+    step_checks: list[str],
+    first_error_step: int,
+    correction: str | None,
+    answer: str,
+    reference_analysis: str | None = None,
+) -> str:
+    """The canonical critique text.
+
+    ``step_checks`` holds the free text checked for each step up to and including the first wrong one;
+    ``correction`` is the corrected solution text from the first wrong step on (without the final
+    answer line), ignored when the solution is correct.
+    """
+    lines = [f"Reference analysis: {reference_analysis}"] if reference_analysis else []
+    last = len(step_checks) if first_error_step < 0 else first_error_step + 1
+    for index in range(last):
+        lines.append(step_line(index, step_checks[index], index != first_error_step))
+    lines.append(conclusion_line(first_error_step))
+    if first_error_step < 0:
+        lines.append(f"{CORRECTION_MARKER} none needed")
+    else:
+        lines.append(CORRECTION_MARKER)
+        if correction:
+            lines.append(correction)
+    lines.append(f"The answer is \\boxed{{{answer}}}.")
+    return "\n".join(lines)
+
+
+_REFERENCE_ANALYSIS = re.compile(r"^\s*[#*\s]*reference analysis\b", re.IGNORECASE)
+_STEP_START = re.compile(r"^\s*[#*\s]*step\s*\d+", re.IGNORECASE)
+
+
+def strip_reference_analysis(critique: str) -> str:
+    """Drop the reference-analysis section (everything before the first step or conclusion line).
+
+    Training targets must not mention a reference the trained critic will never see.
+    """
+    lines = critique.splitlines()
+    if not lines or not _REFERENCE_ANALYSIS.match(lines[0]):
+        return critique
+    for i, line in enumerate(lines):
+        if _STEP_START.match(line) or re.match(r"^\s*[#*\s]*conclusion", line, re.IGNORECASE):
+            return "\n".join(lines[i:])
+    return ""
