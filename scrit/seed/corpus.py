@@ -1,0 +1,97 @@
+"""The generated pretraining corpus for the seed critic (DESIGN.md §5, "The seed model").
+
+Every example is (prompt, target) in exactly the formats the running system uses: solver solutions,
+contrastive critiques (reference given) and, as a small minority, direct critiques. The share of
+direct critiques is kept small on purpose: the seed's direct critique must be clearly weaker than its
+contrastive one, and closing that gap is the job of self-evolution.
+
+Step labels are used here to *write* the corpus (this is the seed model's pretraining, outside the
+loop); the self-play loop never sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from scrit.domains import arith
+from scrit.prompts import critic_prompt, render_critique, solver_prompt
+
+# Default corpus mix (shares of examples); documented in the README.
+DEFAULT_MIX = {"solver": 0.30, "contrastive": 0.63, "direct": 0.07}
+INCORRECT_SHARE = 0.6  # share of critique examples whose student solution has a wrong step
+HELDOUT_BUCKETS = 10  # 1 in 10 problems (by a stable hash of the text) is held out of all training
+
+
+def arith_split(problem_text: str) -> str:
+    """'heldout' for one problem in HELDOUT_BUCKETS (stable hash), else 'train'.
+
+    The seed corpus and the self-play loop train only on 'train' problems; every reported arith score
+    uses 'heldout' problems, which no training step has ever seen.
+    """
+    digest = hashlib.blake2b(problem_text.encode(), digest_size=8).digest()
+    return "heldout" if int.from_bytes(digest, "big") % HELDOUT_BUCKETS == 0 else "train"
+
+
+def generate_split_problem(rng: random.Random, split: str, min_ops: int = 2, max_ops: int = 5) -> arith.ArithProblem:
+    while True:
+        problem = arith.generate_problem(rng, min_ops, max_ops)
+        if arith_split(problem.text) == split:
+            return problem
+
+
+@dataclass(frozen=True)
+class Example:
+    kind: str  # solver | contrastive | direct
+    prompt: str
+    target: str
+    reference_span: tuple[int, int] | None = None  # where the (correct) reference sits in the prompt
+
+
+def arith_critique(problem: arith.ArithProblem, student_steps: list[str], contrastive: bool) -> str:
+    """The canonical critique of a student solution, as the corpus teaches it.
+
+    Each step line spells the student's step and the step expected at that point: copied from the
+    reference in contrastive mode, recomputed from the problem (starting from the last correct value)
+    in direct mode. For arith both give the same text; they differ in where the model must find it.
+    """
+    correct = problem.correct_steps()
+    first_error = arith.first_wrong_step(problem, student_steps)
+    last = len(student_steps) if first_error < 0 else first_error + 1
+    checks = [f"{student_steps[i]}, expected {correct[i]}" for i in range(last)]
+    correction_lines = None
+    if first_error >= 0:
+        # The correction keeps the student's step numbers from the first wrong step on.
+        correction_lines = "\n".join(
+            f"Step {first_error + 1 + i}: {step}" for i, step in enumerate(correct[first_error:])
+        )
+    return render_critique(checks, first_error, correction_lines, str(problem.answer))
+
+
+def solver_example(problem: arith.ArithProblem) -> Example:
+    return Example("solver", solver_prompt(problem.text), arith.render_solution(problem.correct_steps()))
+
+
+def critique_example(rng: random.Random, problem: arith.ArithProblem, contrastive: bool) -> Example:
+    if rng.random() < INCORRECT_SHARE:
+        student, _ = arith.wrong_solution(rng, problem)
+    else:
+        student = problem.correct_steps()
+    solution = arith.render_solution(student)
+    reference = arith.render_solution(problem.correct_steps()) if contrastive else None
+    prompt = critic_prompt(problem.text, solution, reference)
+    span = None
+    if reference is not None:
+        start = prompt.index(reference)
+        span = (start, start + len(reference))
+    target = arith_critique(problem, student, contrastive)
+    return Example("contrastive" if contrastive else "direct", prompt, target, span)
+
+
+def sample_example(rng: random.Random, mix: dict[str, float] = DEFAULT_MIX) -> Example:
+    problem = generate_split_problem(rng, "train")
+    kind = rng.choices(list(mix), weights=list(mix.values()))[0]
+    if kind == "solver":
+        return solver_example(problem)
+    return critique_example(rng, problem, contrastive=(kind == "contrastive"))
