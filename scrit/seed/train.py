@@ -28,16 +28,16 @@ _VERDICT_SPAN = re.compile(r"(?<=: )(correct|wrong)$|(?<=^Conclusion: ).*$", re.
 @dataclass
 class SeedRecipe:
     seed: int = 1234
-    steps: int = 6000
-    batch_size: int = 16
+    steps: int = 5000
+    batch_size: int = 8
     lr: float = 1.5e-3
     min_lr: float = 1e-4
     warmup_steps: int = 200
     weight_decay: float = 0.01
-    hidden_size: int = 256
-    intermediate_size: int = 768
+    hidden_size: int = 192
+    intermediate_size: int = 576
     num_layers: int = 4
-    num_heads: int = 8
+    num_heads: int = 6
     verdict_weight: float = 4.0
     reference_weight: float = 0.3
     bf16: bool = True
