@@ -16,14 +16,18 @@ from scrit.domains.answers import extract_boxed
 
 _DECORATION = r"[\s#*>_`-]*"
 _STEP = re.compile(rf"^{_DECORATION}step\s*(\d+)\s*[:.)\-]?(.*)$", re.IGNORECASE)
-_VERDICT = re.compile(r"\b(correct|incorrect|wrong|right|ok|okay|error|erroneous|invalid|valid)\b", re.IGNORECASE)
+_VERDICT = re.compile(r"\b(not\s+(?:correct|right|ok|okay|valid)|correct|incorrect|wrong|right|ok|okay|error|erroneous|invalid|valid)\b", re.IGNORECASE)
 _NEGATIVE = {"incorrect", "wrong", "error", "erroneous", "invalid"}
 _CONCLUSION = re.compile(rf"^{_DECORATION}(?:final\s+)?(?:conclusion|verdict|judg(?:e)?ment)\s*[*_]*\s*[:\-]?\s*(.*)$", re.IGNORECASE)
 _CORRECTION = re.compile(rf"^{_DECORATION}correct(?:ion|ed solution)\s*[*_]*\s*[:\-]?\s*(.*)$", re.IGNORECASE)
 _FIRST_ERROR = re.compile(
-    r"first\s+(?:wrong|error|incorrect|erroneous)\s*(?:step)?\s*(?:number|index)?\s*(?:is|:|=)?\s*(?:step\s*)?(-?\d+)",
+    # Whitespace runs are each matched by one quantifier only: adjacent optional ``\s*`` made this regex
+    # backtrack catastrophically on long runs of spaces (seconds for 200 spaces).
+    r"first\s+(?:wrong|error|incorrect|erroneous)(?:\s+step)?(?:\s+(?:number|index))?\s*(?:(?:is|:|=)\s*)?"
+    r"(?:step\s*)?(?:\\boxed\s*\{\s*)?(-?\d+)",
     re.IGNORECASE,
 )
+_REFERENCE_ANALYSIS = re.compile(rf"^{_DECORATION}reference\s+analysis\b", re.IGNORECASE)
 _NO_ERROR = re.compile(r"\b(no\s+(?:wrong|error|incorrect)|all\s+steps\s+(?:are\s+)?correct|none)\b", re.IGNORECASE)
 
 
@@ -42,7 +46,8 @@ def _verdict(text: str) -> bool | None:
     words = _VERDICT.findall(text)
     if not words:
         return None
-    return words[-1].lower() not in _NEGATIVE
+    last = words[-1].lower()
+    return not last.startswith("not") and last not in _NEGATIVE
 
 
 def _conclusion(text: str) -> tuple[bool | None, int | None]:
@@ -68,11 +73,14 @@ def parse_critique(text: str) -> ParsedCritique:
     judged: bool | None = None
     first_error: int | None = None
     correction_lines: list[str] | None = None
+    heading_only = False  # a bare ``## Conclusion`` heading: its text is on the next non-blank line
 
     for line in lines:
         if correction_lines is not None:
             correction_lines.append(line)
             continue
+        if _REFERENCE_ANALYSIS.match(line):
+            continue  # contrastive-mode preamble about the reference, not a judgment of the student
         correction = _CORRECTION.match(line)
         if correction and not _STEP.match(line):
             correction_lines = [correction.group(1)] if correction.group(1).strip() else []
@@ -80,7 +88,14 @@ def parse_critique(text: str) -> ParsedCritique:
         conclusion = _CONCLUSION.match(line)
         if conclusion:
             judged, first_error = _conclusion(conclusion.group(1))
+            heading_only = judged is None and not conclusion.group(1).strip(" \t*_:#-")
             continue
+        if heading_only and line.strip():
+            heading_only = False
+            if not _STEP.match(line):
+                judged, first_error = _conclusion(line)
+                if judged is not None:
+                    continue
         if _FIRST_ERROR.search(line) and judged is None:
             judged, first_error = _conclusion(line)
             continue
