@@ -62,6 +62,29 @@ def critic_prompt(problem: str, solution: str, reference: str | None = None, sty
     return f"{head}\nProblem: {problem}\nReference:\n{reference}\nStudent:\n{solution}\n{CRITIQUE_START}"
 
 
+CORRECTOR_HEADER = "Correct the student solution using the critique."
+CORRECTOR_INSTRUCTIONS = (
+    "Write the corrected steps from the critique's first wrong step on, numbered as in the student "
+    "solution, ending with `The answer is \\boxed{answer}.`; if the critique found no wrong step, write "
+    "`none needed` and the student's answer boxed."
+)
+
+
+def corrector_prompt(problem: str, solution: str, critique: str, style: str = "compact") -> str:
+    """Prompt for a separately configured corrector model (DESIGN.md §1 step 4).
+
+    It ends in the critique's ``Correction:`` marker, so the corrector's output has exactly the shape
+    of the critic continuing its own critique (the default), and ``critique + output`` is one canonical
+    critique whatever produced the correction. No reference is shown: the corrector must work from
+    the critique alone.
+    """
+    body = critique.rstrip()
+    if body.endswith(CORRECTION_MARKER):
+        body = body[: -len(CORRECTION_MARKER)].rstrip()
+    head = _header(CORRECTOR_HEADER, CORRECTOR_INSTRUCTIONS, style)
+    return f"{head}\nProblem: {problem}\nStudent:\n{solution}\n{CRITIQUE_START}{body}\n{CORRECTION_MARKER}"
+
+
 def step_line(index: int, checked: str, correct: bool) -> str:
     """``Step k: <checked>: correct|wrong`` with k = index + 1."""
     return f"Step {index + 1}: {checked}: {'correct' if correct else 'wrong'}"

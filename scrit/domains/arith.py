@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from scrit.domains.answers import answers_equal, extract_boxed
+from scrit.messages import Problem, Solution
 
 OPERATIONS = ("+", "-", "*")
 ERROR_KINDS = ("result", "operand", "operation", "number")
@@ -179,6 +180,31 @@ class ArithDomain:
 
     def answers_equal(self, predicted: str | None, truth: str | None) -> bool:
         return answers_equal(predicted, truth)
+
+    def inject_error(self, problem: Problem, solution: Solution, rng: random.Random) -> Solution | None:
+        """The paper's bug-injection baseline: a copy of a correct solution with one wrong step.
+
+        Built by ``wrong_solution`` on the parsed problem (later steps follow from the wrong value, so
+        the final answer changes). The wrong step's index is discarded: the critic gets no step label,
+        and the copy is labelled by its final answer like any other solution. None if the question is
+        not an arith problem.
+        """
+        try:
+            parsed = parse_problem(problem.question)
+        except ValueError:
+            return None
+        steps, _ = wrong_solution(rng, parsed)
+        text = render_solution(steps)
+        answer = extract_boxed(text)
+        return Solution(
+            problem_id=problem.id,
+            solver=f"{solution.solver}+bug",
+            text=text,
+            steps=steps,
+            answer=answer,
+            correct=answers_equal(answer, problem.answer),
+            version=solution.version,
+        )
 
 
 def extract_boxed_int(text: str) -> int | None:

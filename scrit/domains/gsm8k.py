@@ -8,13 +8,14 @@ reference looks like every other solution the critic sees.
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
 import msgspec
 
 from scrit.domains.answers import answers_equal, extract_final_answer
-from scrit.messages import Problem
+from scrit.messages import Problem, Solution
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _FINAL_LINE = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
@@ -99,3 +100,7 @@ class GSM8KDomain:
 
     def answers_equal(self, predicted: str | None, truth: str | None) -> bool:
         return answers_equal(predicted, truth)
+
+    def inject_error(self, problem: Problem, solution: Solution, rng: random.Random) -> Solution | None:
+        """No bug injector for free-text solutions: bug-injection mode skips GSM8K problems."""
+        return None

@@ -1,0 +1,359 @@
+"""Roles, weight registry and their Ray shells.
+
+Role logic is checked with a scripted backend (exact texts, so exact assertions); the Ray shells run
+tiny random models (junk output), so those tests assert structure: counts, versions, message types,
+and that a published version really changes the weights the critic actor generates with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+try:
+    from openai_server import save_tiny_model
+except ImportError:  # tests/ imported as a package
+    from tests.openai_server import save_tiny_model
+
+from scrit.actors.registry import WeightRegistry, checkpoint_checksum, registry_path, weight_registry_actor
+from scrit.actors.roles import CorrectorRole, CriticRole, SolverRole, ValidatorRole, request_prompt
+from scrit.actors.shells import critic_actor, pack, solver_actor, unpack
+from scrit.backends.base import Generation, SamplingParams, truncate_at_stop
+from scrit.domains.arith import ArithDomain
+from scrit.messages import Correction, Critique, Problem, Solution, Validation, WeightVersion
+from scrit.prompts import CORRECTION_MARKER, corrector_prompt, critic_prompt, solver_prompt
+from scrit.selfplay import complete_critique, corrected_solution, label_solution, make_requests
+
+ARITH = ArithDomain()
+QUESTION = "Start with 12. Add 5. Multiply by 3. Subtract 4. What is the result?"
+GOOD = "Step 1: 12 + 5 = 17\nStep 2: 17 * 3 = 51\nStep 3: 51 - 4 = 47\nThe answer is \\boxed{47}."
+BAD = "Step 1: 12 + 5 = 17\nStep 2: 17 * 3 = 52\nStep 3: 52 - 4 = 48\nThe answer is \\boxed{48}."
+HEAD = ("Step 1: 12 + 5 = 17, expected 12 + 5 = 17: correct\nStep 2: 17 * 3 = 52, expected 17 * 3 = 51: wrong\n"
+        "Conclusion: incorrect, first wrong step 2\nCorrection:")
+TAIL = "\nStep 2: 17 * 3 = 51\nStep 3: 51 - 4 = 47\nThe answer is \\boxed{47}."
+APPROVE = ("Step 1: a: correct\nStep 2: b: correct\nStep 3: c: correct\nConclusion: correct, no wrong step\n"
+           "Correction: none needed\nThe answer is \\boxed{47}.")
+PROBLEM = Problem(id="p1", domain="arith", question=QUESTION, answer="47")
+PROBLEM2 = Problem(id="p2", domain="arith", question="Start with 3. Add 4. Multiply by 2. What is the result?",
+                   answer="14")
+
+
+class Scripted:
+    """An InferenceBackend whose output is ``reply(prompt)``, cut at the stop strings like a real one."""
+
+    def __init__(self, reply: Callable[[str], str], version: int = 0) -> None:
+        self.reply = reply
+        self._version = version
+        self.calls: list[tuple[list[str], SamplingParams]] = []
+        self.loaded: list[tuple[int, str]] = []
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
+        self.calls.append((list(prompts), sampling))
+        out = []
+        for prompt in prompts:
+            text, _ = truncate_at_stop(self.reply(prompt), sampling.stop)
+            out.append(Generation(text=text, prompt_tokens=len(prompt), completion_tokens=len(text),
+                                  version=self._version))
+        return out
+
+    def load_weights(self, version: int, path: str) -> None:
+        self.loaded.append((version, path))
+        self._version = version
+
+
+def solution(text: str, solver: str = "s") -> Solution:
+    return label_solution(ARITH, PROBLEM, text, solver, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Roles with a scripted backend
+
+
+def test_solver_role_counts_labels_and_seeds() -> None:
+    backend = Scripted(lambda p: (GOOD if "Add 5" in p else BAD) + "\nProblem: next one", version=2)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=64, seed=7)
+    role = SolverRole(backend, ARITH, name="seedsolver", samples_per_problem=3, sampling=sampling)
+    out = role.solve([PROBLEM, PROBLEM2])
+    assert len(out) == 6 and all(isinstance(s, Solution) for s in out)
+    assert [s.problem_id for s in out] == ["p1"] * 3 + ["p2"] * 3
+    assert all(s.solver == "seedsolver" and s.version == 2 for s in out)
+    assert [s.correct for s in out] == [True] * 3 + [False] * 3  # by final answer
+    assert out[0].text == GOOD  # the stop marker "\nProblem:" is cut off
+    prompts, used = backend.calls[0]
+    assert prompts[0] == solver_prompt(QUESTION) and used.temperature == 1.0 and used.seed == 7
+    role.solve([PROBLEM])
+    assert backend.calls[1][1].seed == 8  # a new seed per call: rounds must not repeat their samples
+    assert role.stats()["items"] == 9
+
+
+def test_critic_corrector_validator_round_trip() -> None:
+    request = make_requests(PROBLEM, [solution(GOOD), solution(BAD)], random.Random(0))
+    (bad_request,) = [r for r in request if not r.solution.correct]
+
+    critic_backend = Scripted(lambda p: HEAD + TAIL + "\n(never seen)", version=5)
+    critic = CriticRole(critic_backend, ARITH)
+    (critique,) = critic.critique([bad_request])
+    assert isinstance(critique, Critique) and critique.version == 5 and critique.mode == "contrastive"
+    assert critique.raw_text == HEAD  # stopped at, and including, "Correction:"
+    assert critique.parsed and critique.first_error_step == 1 and critique.judged_correct is False
+    assert CORRECTION_MARKER in critic_backend.calls[0][1].stop
+    assert critic_backend.calls[0][0] == [critic_prompt(QUESTION, BAD, bad_request.reference.text)]
+
+    # Default corrector: the critic continues its own output.
+    cont_backend = Scripted(lambda p: TAIL, version=5)
+    (fix,) = CorrectorRole(cont_backend, ARITH).correct([bad_request], [critique])
+    assert cont_backend.calls[0][0] == [request_prompt(bad_request, "compact") + HEAD]
+    assert isinstance(fix, Correction) and fix.text == TAIL and fix.answer == "47" and fix.version == 5
+    full = complete_critique(critique, fix)
+    corrected = corrected_solution(ARITH, bad_request.solution, full)
+    assert corrected == GOOD
+
+    # A separately configured corrector gets the corrector prompt instead.
+    sep_backend = Scripted(lambda p: TAIL, version=0)
+    CorrectorRole(sep_backend, ARITH, continue_critique=False).correct([bad_request], [critique])
+    assert sep_backend.calls[0][0] == [corrector_prompt(QUESTION, BAD, HEAD)]
+
+    # Validator: a direct critique of the corrected solution, plus the final-answer check.
+    val_backend = Scripted(lambda p: APPROVE, version=5)
+    validator = ValidatorRole(val_backend, ARITH)
+    wrong_fix = corrected.replace("47", "46")
+    ok, wrong = validator.validate([PROBLEM, PROBLEM], [corrected, wrong_fix])
+    assert val_backend.calls[0][0][0] == critic_prompt(QUESTION, corrected, None)  # no reference
+    assert isinstance(ok, Validation) and ok.passed and ok.verdict_correct and ok.answer_matches
+    assert not wrong.passed and wrong.verdict_correct and wrong.answer_matches is False
+    lax = ValidatorRole(Scripted(lambda p: APPROVE), ARITH, require_answer_match=False)
+    (lax_result,) = lax.validate([PROBLEM], [wrong_fix])
+    assert lax_result.passed and lax_result.answer_matches is None
+    reject = ValidatorRole(Scripted(lambda p: HEAD), ARITH)
+    assert not reject.validate([PROBLEM], [corrected])[0].passed
+    junk = ValidatorRole(Scripted(lambda p: "zzz"), ARITH).validate([PROBLEM], [corrected])[0]
+    assert not junk.passed and junk.verdict_correct is None
+
+
+def test_unparseable_critique_gets_empty_correction_without_generation() -> None:
+    requests = make_requests(PROBLEM, [solution(GOOD, "a"), solution(GOOD, "b"), solution(BAD)], random.Random(0))
+    assert len(requests) == 3
+    critiques = CriticRole(Scripted(lambda p: "gibberish with no verdict"), ARITH).critique(requests)
+    assert len(critiques) == len(requests) and not any(c.parsed for c in critiques)
+    assert all(c.first_error_step == -1 and c.judged_correct is None for c in critiques)
+    backend = Scripted(lambda p: TAIL)
+    fixes = CorrectorRole(backend, ARITH).correct(requests, critiques)
+    assert [f.text for f in fixes] == [""] * len(requests) and backend.calls == []  # nothing generated
+    assert all(f.steps == [] and f.answer is None for f in fixes)
+    with pytest.raises(ValueError):
+        CorrectorRole(backend, ARITH).correct(requests, critiques[:1])
+
+
+def test_maybe_swap_follows_the_registry_and_verifies_checksums(tmp_path: Path) -> None:
+    good_dir = _fake_checkpoint(tmp_path / "v1", b"one")
+    latest = [WeightVersion(version=0, uri="seed", checksum="")]
+    backend = Scripted(lambda p: APPROVE)
+    critic = CriticRole(backend, ARITH, follow=lambda: latest[0])
+    requests = make_requests(PROBLEM, [solution(GOOD), solution(BAD)], random.Random(0))
+    assert {c.version for c in critic.critique(requests)} == {0} and backend.loaded == []
+    latest[0] = WeightVersion(version=1, uri=str(good_dir), checksum=checkpoint_checksum(good_dir))
+    assert {c.version for c in critic.critique(requests)} == {1}
+    assert backend.loaded == [(1, str(good_dir))] and critic.stats()["swaps"] == 1
+    assert critic.stats()["last_swap_s"] is not None
+    # A checkpoint whose bytes do not match the published checksum is never loaded.
+    bad_dir = _fake_checkpoint(tmp_path / "v2", b"two")
+    latest[0] = WeightVersion(version=2, uri=str(bad_dir), checksum=checkpoint_checksum(good_dir))
+    assert {c.version for c in critic.critique(requests)} == {1}
+    assert critic.stats()["swap_errors"] == 1 and len(backend.loaded) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry (plain class)
+
+
+def _fake_checkpoint(path: Path, weights: bytes) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_checkpoint_checksum(tmp_path: Path) -> None:
+    a = _fake_checkpoint(tmp_path / "a", b"weights")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    (b / "tokenizer.json").write_text("ignored")
+    assert checkpoint_checksum(a) == checkpoint_checksum(b)
+    (b / "model.safetensors").write_bytes(b"weightz")
+    assert checkpoint_checksum(a) != checkpoint_checksum(b)
+    with pytest.raises(FileNotFoundError):
+        checkpoint_checksum(tmp_path / "missing")
+
+
+def test_registry_publish_persist_resume(tmp_path: Path) -> None:
+    seed = _fake_checkpoint(tmp_path / "seed", b"seed")
+    v1 = _fake_checkpoint(tmp_path / "v1", b"v1")
+    registry = WeightRegistry(tmp_path / "run", seed)
+    assert registry.latest().version == 0 and registry.latest().uri == str(seed)
+    assert registry.latest().checksum == checkpoint_checksum(seed)
+    published = WeightVersion(version=1, uri=str(v1), checksum=checkpoint_checksum(v1), step=25)
+    registry.publish(published)
+    for stale in (0, 1):
+        with pytest.raises(ValueError):
+            registry.publish(WeightVersion(version=stale, uri="x", checksum=""))
+    registry.publish(WeightVersion(version=3, uri="v3", checksum="c3", step=75))
+    assert [v.version for v in registry.history()] == [0, 1, 3]
+    assert registry.get(1) == published
+    with pytest.raises(KeyError):
+        registry.get(2)
+
+    # --resume: a new registry over the same run directory reloads the published versions.
+    again = WeightRegistry(tmp_path / "run", seed)
+    assert again.history() == registry.history() and again.resumed == 2
+    # A crash mid-write leaves a torn last line: it is cut off, and publishing continues cleanly.
+    path = registry_path(tmp_path / "run")
+    with path.open("ab") as handle:
+        handle.write(b'{"type":"WeightVersion","version":4,"ur')
+    torn = WeightRegistry(tmp_path / "run", seed)
+    assert torn.latest().version == 3
+    torn.publish(WeightVersion(version=4, uri="v4", checksum="c4"))
+    assert [json.loads(line)["version"] for line in path.read_text().splitlines()] == [1, 3, 4]
+    # Corruption in the middle is not silently skipped.
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError):
+        WeightRegistry(tmp_path / "run", seed)
+    # A seed behind an HTTP endpoint has no local checkpoint to hash.
+    remote = WeightRegistry(tmp_path / "other", "http://127.0.0.1:9/v1")
+    assert remote.latest().checksum == "" and remote.latest().uri == "http://127.0.0.1:9/v1"
+
+
+def test_registry_wait_and_stop(tmp_path: Path) -> None:
+    seed = _fake_checkpoint(tmp_path / "seed", b"seed")
+    registry = WeightRegistry(tmp_path / "run", seed)
+
+    async def scenario() -> tuple:
+        immediate = await registry.wait_for_version(0, timeout=1)
+        timed_out = await registry.wait_for_version(1, timeout=0.1)
+        waiter = asyncio.ensure_future(registry.wait_for_version(1, timeout=10))
+        await asyncio.sleep(0.1)
+        registry.publish(WeightVersion(version=1, uri="v1", checksum="c"))
+        woken = await waiter
+        stopper = asyncio.ensure_future(registry.wait_for_version(9, timeout=10))
+        await asyncio.sleep(0.1)
+        registry.request_stop()
+        return immediate, timed_out, woken, await stopper
+
+    immediate, timed_out, woken, stopped = asyncio.run(scenario())
+    assert immediate.version == 0 and timed_out is None and woken.version == 1 and stopped is None
+    assert registry.stop_requested()
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray shells on tiny random models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return save_tiny_model(str(root / "a"), seed=0), save_tiny_model(str(root / "b"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if owned:
+        ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+BACKEND = {"device": "cpu", "batch_size": 8}
+CRITIC_SAMPLING = SamplingParams(max_new_tokens=24)
+
+
+def test_registry_actor_is_named_and_shared(ray_session, tmp_path: Path, tiny_models: tuple[str, str]) -> None:
+    ray = ray_session
+    name = f"scrit-registry-{uuid.uuid4().hex[:8]}"
+    first = weight_registry_actor(tmp_path / "run", tiny_models[0], name=name)
+    second = weight_registry_actor(tmp_path / "run", tiny_models[0], name=name)  # joins, does not fail
+    waiting = first.wait_for_version.remote(1, 30)
+    ray.get(second.publish.remote(WeightVersion(version=1, uri=tiny_models[1], checksum="c")))
+    assert ray.get(waiting, timeout=30).version == 1
+    assert ray.get(first.latest.remote()).version == 1
+    assert ray.get(ray.get_actor(name).history.remote())[0].checksum == checkpoint_checksum(tiny_models[0])
+    ray.get(first.request_stop.remote())
+    assert ray.get(second.stop_requested.remote())
+    ray.kill(first)
+
+
+def test_published_version_changes_the_critic_actors_weights(ray_session, tmp_path: Path,
+                                                             tiny_models: tuple[str, str]) -> None:
+    """The key hot-swap test: after publishing model B as version 1, the critic actor's greedy output
+    is exactly what model B gives directly, and differs from model A's."""
+    ray = ray_session
+    from scrit.backends.hf import HFBackend
+
+    model_a, model_b = tiny_models
+    registry = weight_registry_actor(tmp_path / "run", model_a, name=f"reg-{uuid.uuid4().hex[:8]}")
+    critic = critic_actor(model_a, num_cpus=0.25, registry=registry, backend_options=BACKEND,
+                          sampling=CRITIC_SAMPLING, correction_sampling=SamplingParams(max_new_tokens=16),
+                          validation_sampling=SamplingParams(max_new_tokens=16))
+    requests = make_requests(PROBLEM, [solution(GOOD, "a"), solution(GOOD, "b"), solution(BAD)], random.Random(0))
+    requests += make_requests(PROBLEM, [solution(BAD)], random.Random(0), "direct")
+
+    before = unpack(ray.get(critic.critique.remote(pack(requests))), Critique)
+    assert len(before) == len(requests) and all(c.version == 0 for c in before)
+
+    ray.get(registry.publish.remote(WeightVersion(version=1, uri=model_b, checksum=checkpoint_checksum(model_b))))
+    after = unpack(ray.get(critic.critique.remote(pack(requests))), Critique)
+    assert all(isinstance(c, Critique) and c.version == 1 for c in after)
+
+    direct_a = CriticRole(HFBackend(model_a, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
+    direct_b = CriticRole(HFBackend(model_b, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
+    assert [c.raw_text for c in before] == [c.raw_text for c in direct_a]
+    assert [c.raw_text for c in after] == [c.raw_text for c in direct_b]
+    assert [c.raw_text for c in after] != [c.raw_text for c in before]
+    assert ray.get(critic.stats.remote())["critic"]["swaps"] == 1
+
+    # The rest of the round on the same actor: junk critiques are handled, every output is versioned.
+    critiques_b, corrections_b = ray.get(critic.critique_and_correct.remote(pack(requests)))
+    critiques, corrections = unpack(critiques_b, Critique), unpack(corrections_b, Correction)
+    assert len(critiques) == len(corrections) == len(requests)
+    assert all(c.version == 1 for c in critiques + corrections)
+    for critique, fix in zip(critiques, corrections):
+        if not critique.parsed:
+            assert fix.text == ""
+    validations = unpack(ray.get(critic.validate.remote(pack([PROBLEM, PROBLEM2]), [GOOD, BAD])), Validation)
+    assert len(validations) == 2 and all(v.version == 1 for v in validations)
+    assert validations[1].answer_matches is False and not validations[1].passed
+    ray.kill(critic)
+    ray.kill(registry)
+
+
+def test_solver_actor(ray_session, tiny_models: tuple[str, str]) -> None:
+    ray = ray_session
+    solver = solver_actor(tiny_models[0], num_cpus=0.25, backend_options=BACKEND, name="tiny",
+                          samples_per_problem=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=16, seed=3))
+    out = unpack(ray.get(solver.solve.remote(pack([PROBLEM, PROBLEM2]))), Solution)
+    assert [s.problem_id for s in out] == ["p1", "p1", "p2", "p2"]
+    assert all(s.solver == "tiny" and s.version == 0 and isinstance(s.correct, bool) for s in out)
+    assert all(s.correct == ARITH.answers_equal(s.answer, "47" if s.problem_id == "p1" else "14") for s in out)
+    assert ray.get(solver.stats.remote())["items"] == 4
+    ray.kill(solver)
