@@ -1,0 +1,144 @@
+"""SFT encoding and loss: the loss covers target tokens (and EOS) only, truncation never cuts the target."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scrit.messages import TrainingExample
+from scrit.seed.tokenizer import build_char_tokenizer
+from scrit.train.sft import IGNORE_INDEX, encode_examples, sft_loss, token_losses
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, initializer_range=0.5, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def ex(prompt: str, target: str, correct: bool = True) -> TrainingExample:
+    return TrainingExample(prompt=prompt, target=target, student_correct=correct, problem_id="p", version=0)
+
+
+def ids(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_layout_labels_and_right_padding(tok) -> None:
+    batch = encode_examples(tok, [ex("Q: 1+1", "ok"), ex("Q", "Step 1: right")], max_seq_len=64)
+    assert batch["num_skipped"] == 0
+    bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    first = [bos] + ids(tok, "Q: 1+1") + ids(tok, "ok") + [eos]
+    second = [bos] + ids(tok, "Q") + ids(tok, "Step 1: right") + [eos]
+    width = max(len(first), len(second))
+    assert batch["input_ids"].shape == (2, width)
+    assert batch["input_ids"][0].tolist() == first + [pad] * (width - len(first))  # right padding
+    assert batch["input_ids"][1].tolist() == second
+    assert batch["attention_mask"][0].tolist() == [1] * len(first) + [0] * (width - len(first))
+    n_prompt = 1 + len("Q: 1+1")
+    expected = [IGNORE_INDEX] * n_prompt + first[n_prompt:] + [IGNORE_INDEX] * (width - len(first))
+    assert batch["labels"][0].tolist() == expected  # prompt and padding ignored; target and EOS learned
+    assert batch["labels"][0].tolist()[len(first) - 1] == eos
+
+
+def test_truncation_cuts_prompt_from_left_keeps_bos_and_whole_target(tok) -> None:
+    prompt, target = "abcdefghij", "XYZ"
+    full = 1 + len(prompt) + len(target) + 1
+    batch = encode_examples(tok, [ex(prompt, target)], max_seq_len=full - 4)
+    row = batch["input_ids"][0].tolist()
+    assert len(row) == full - 4
+    assert row[0] == tok.bos_token_id  # the sequence still starts the way it always does
+    assert row[1:] == ids(tok, "efghij") + ids(tok, target) + [tok.eos_token_id]  # tail of the prompt kept
+    labels = batch["labels"][0].tolist()
+    assert labels[: 1 + 6] == [IGNORE_INDEX] * 7
+    assert labels[7:] == ids(tok, target) + [tok.eos_token_id]
+
+
+def test_too_long_targets_are_skipped_and_counted(tok) -> None:
+    target = "T" * 10  # 11 tokens with EOS
+    examples = [ex("p", target), ex("p", "short"), ex("prompt", "T" * 11)]
+    batch = encode_examples(tok, examples, max_seq_len=12)  # room for exactly one prompt token
+    assert batch["num_skipped"] == 1  # target + EOS = 12 leaves no prompt token to condition on
+    assert batch["input_ids"].shape[0] == 2
+    first = batch["input_ids"][0].tolist()
+    assert first == ids(tok, "p" + target) + [tok.eos_token_id]  # the last prompt token beats <s>
+    everything = encode_examples(tok, [ex("p", "T" * 20)], max_seq_len=12)
+    assert everything["num_skipped"] == 1 and everything["input_ids"].shape == (0, 0)
+    with pytest.raises(ValueError):
+        encode_examples(tok, examples, max_seq_len=1)
+
+
+def test_chat_template_wraps_the_prompt_like_the_backend(tok) -> None:
+    chat_tok = build_char_tokenizer()
+    chat_tok.chat_template = "{% for m in messages %}U:{{ m['content'] }}\n{% endfor %}C:"
+    batch = encode_examples(chat_tok, [ex("hi", "ok")], max_seq_len=64, chat_template=True)
+    assert batch["input_ids"][0].tolist() == ids(tok, "U:hi\nC:") + ids(tok, "ok") + [tok.eos_token_id]
+    assert batch["labels"][0].tolist()[: len("U:hi\nC:")] == [IGNORE_INDEX] * len("U:hi\nC:")
+
+
+def test_loss_is_mean_cross_entropy_over_target_tokens_by_hand(tok, model) -> None:
+    batch = encode_examples(tok, [ex("Start with 3. Add 4.", "Step 1: correct")], max_seq_len=128)
+    with torch.no_grad():
+        loss, n = sft_loss(model, batch)
+        logits = model(input_ids=batch["input_ids"]).logits[0]
+    row = batch["input_ids"][0].tolist()
+    n_prompt = 1 + len("Start with 3. Add 4.")
+    assert n == len(row) - n_prompt == len("Step 1: correct") + 1
+    by_hand = [-torch.log_softmax(logits[t - 1].double(), -1)[row[t]].item() for t in range(n_prompt, len(row))]
+    assert loss.item() == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
+
+
+def test_prompt_positions_contribute_no_loss_and_no_gradient(tok) -> None:
+    batch = encode_examples(tok, [ex("some prompt", "target!")], max_seq_len=64)
+    labels = batch["labels"]
+    logits = torch.randn(1, labels.shape[1], len(tok), requires_grad=True)
+    losses = token_losses(logits, labels)
+    n_prompt = 1 + len("some prompt")
+    assert torch.all(losses[0, :n_prompt] == 0) and torch.all(losses[0, n_prompt:] > 0)
+    losses.sum().backward()
+    # Logits at position t predict token t+1: positions before the last prompt token get no gradient.
+    assert torch.all(logits.grad[0, : n_prompt - 1] == 0)
+    assert torch.all(logits.grad[0, n_prompt - 1 : -1].abs().sum(-1) > 0)
+    assert torch.all(logits.grad[0, -1] == 0)  # nothing follows EOS
+
+    # Arbitrary label values on prompt positions cannot leak in once masked: same loss either way.
+    scrambled = labels.clone()
+    scrambled[0, :n_prompt] = IGNORE_INDEX
+    assert torch.equal(token_losses(logits, scrambled), losses)
+
+
+def test_padding_and_batch_mates_do_not_change_an_examples_loss(tok, model) -> None:
+    examples = [ex("Start with 3.", "Step 1: correct"), ex("Start with 12. Multiply by 9.", "ok"),
+                ex("x", "Conclusion: wrong")]
+    with torch.no_grad():
+        total, n_total = sft_loss(model, encode_examples(tok, examples, max_seq_len=128))
+        parts = [sft_loss(model, encode_examples(tok, [e], max_seq_len=128)) for e in examples]
+    assert n_total == sum(n for _, n in parts)
+    weighted = sum(loss.item() * n for loss, n in parts) / n_total
+    assert total.item() == pytest.approx(weighted, rel=1e-5)
+
+
+def test_different_prompt_same_target_counts_the_same_tokens(tok, model) -> None:
+    a = encode_examples(tok, [ex("short", "Step 1: wrong")], max_seq_len=128)
+    b = encode_examples(tok, [ex("a much longer prompt text", "Step 1: wrong")], max_seq_len=128)
+    with torch.no_grad():
+        (la, na), (lb, nb) = sft_loss(model, a), sft_loss(model, b)
+    assert na == nb == len("Step 1: wrong") + 1
+    assert math.isfinite(la.item()) and math.isfinite(lb.item())

@@ -1,0 +1,129 @@
+"""Supervised fine-tuning pieces shared by every training strategy (DESIGN.md §8). No Ray here.
+
+A training example is ``prompt`` (problem + student solution) and ``target`` (step verdicts,
+conclusion, correction). The model is trained to produce the target *given* the prompt, so the loss
+covers the target tokens and the closing EOS only: the prompt is conditioning, not something the
+critic should learn to write.
+
+Tokenisation mirrors inference exactly, because a mismatch would teach the critic on inputs it never
+sees: the prompt is tokenised on its own with the tokenizer's special tokens (the HF backend's
+``tokenizer(prompt)``, e.g. a leading ``<s>``; or, with ``chat_template=True``, the same chat
+wrapping the backend uses), the target on its own without special tokens, then EOS is appended so
+the critic learns to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from scrit.messages import TrainingExample
+
+__all__ = ["IGNORE_INDEX", "encode_examples", "token_losses", "sft_loss"]
+
+IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
+    if chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def _leading_specials(ids: list[int], tokenizer: Any) -> int:
+    """How many special tokens (e.g. ``<s>``) open the prompt; left truncation keeps them, since the
+    model has always seen a sequence start with them."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    n = 0
+    while n < len(ids) and ids[n] in special:
+        n += 1
+    return n
+
+
+def encode_examples(
+    tokenizer: Any,
+    examples: Sequence[TrainingExample],
+    max_seq_len: int,
+    *,
+    chat_template: bool = False,
+) -> dict[str, Any]:
+    """Tokenise a batch for causal-LM SFT with the loss on target tokens only.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (LongTensors, shape ``(B, T)``, right
+    padded: left padding buys nothing in training and right padding keeps position ids trivial) and
+    ``num_skipped`` (int). ``labels`` is ``-100`` on every prompt token and every pad position.
+
+    Truncation: a sequence longer than ``max_seq_len`` loses prompt tokens from the left, because
+    the end of the prompt (the student's steps) is what the target comments on. Leading special
+    tokens (``<s>``) are kept as long as one ordinary prompt token still fits beside them. The target is never cut: a cut target would teach the critic to stop mid-critique.
+    An example whose target + EOS leaves no room for at least one prompt token (needed to predict
+    the first target token) is skipped and counted in ``num_skipped``. If every example is skipped
+    the tensors have shape ``(0, 0)``.
+    """
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; the critic could not learn to stop")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    rows: list[tuple[list[int], int]] = []  # (ids, number of prompt tokens)
+    skipped = 0
+    for example in examples:
+        prompt = _prompt_ids(tokenizer, example.prompt, chat_template)
+        target = list(tokenizer(example.target, add_special_tokens=False)["input_ids"]) + [eos]
+        room = max_seq_len - len(target)  # tokens left for the prompt
+        if room < 1 or not prompt:
+            skipped += 1
+            continue
+        if len(prompt) > room:
+            head = min(_leading_specials(prompt, tokenizer), room - 1)
+            tail = room - head
+            prompt = prompt[:head] + prompt[len(prompt) - tail :]
+        rows.append((prompt + target, len(prompt)))
+
+    width = max((len(ids) for ids, _ in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(rows):
+        values = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = values
+        attention_mask[row, : len(ids)] = 1
+        labels[row, n_prompt : len(ids)] = values[n_prompt:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_skipped": skipped}
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy, shape ``(B, T)``: entry ``t`` is the loss of predicting
+    ``labels[:, t]`` from the logits at ``t - 1`` (so column 0 is always 0), and 0 where the label is
+    ``-100``. Computed in float32 so bf16 autocast does not round the loss itself."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    losses = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    return F.pad(losses, (1, 0))
+
+
+def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the target tokens of ``batch`` and how many target tokens there were.
+
+    The mean is per token (not per example), so a long critique weighs in proportion to its length,
+    the usual SFT convention. ``model`` may be wrapped (DDP, DeepSpeed engine): it is only called.
+    """
+    labels = batch["labels"]
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    losses = token_losses(outputs.logits, labels.to(outputs.logits.device))
+    n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+    if n_tokens == 0:  # keeps the graph (and any collective in backward) alive with a zero loss
+        return outputs.logits.sum() * 0.0, 0
+    return losses.sum() / n_tokens, n_tokens

@@ -1,0 +1,487 @@
+"""Continuous critic training on Ray Train (DESIGN.md §8): SFT from the replay buffer, a new critic
+version published every ``steps_per_version`` optimizer steps.
+
+``run_training`` starts a ``TorchTrainer`` whose workers
+
+1. find the replay buffer and the weight registry actors by name,
+2. load the registry's latest version (HF checkpoint directory) as the starting weights,
+3. train with the masked SFT loss (``scrit.train.sft``) under DDP (``ray.train.torch.prepare_model``,
+   gloo on CPU / NCCL on GPU) or DeepSpeed ZeRO (``DS_ACCELERATOR=cpu`` on CPU, over the process
+   group Ray Train already set up),
+4. every K optimizer steps: rank 0 writes ``run_dir/versions/vNNNN`` atomically (temp dir + rename,
+   so a subscriber never sees a half-written checkpoint) and publishes a ``WeightVersion``; every
+   rank then reports metrics through ``ray.train.report``,
+5. stop once the registry holds version ``cfg.run.versions`` or the registry asks for a stop.
+
+Each worker samples its own batch with ``current_version`` = the version being trained *from*, so with
+``buffer.max_staleness = 0`` training after publishing version n waits until producers have made
+version-n data: the paper's synchronous rounds, without any extra coordination.
+
+Every decision that must be the same on all ranks (stop, "everyone has a batch") goes through a
+small all-reduce, because a rank that leaves the loop alone, or enters backward alone, would hang
+the others inside a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from scrit.messages import TrainingExample, WeightVersion
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from scrit.config import ScritConfig
+
+__all__ = [
+    "run_training",
+    "train_loop_per_worker",
+    "build_train_loop_config",
+    "version_dir",
+    "deepspeed_config",
+]
+
+log = logging.getLogger(__name__)
+
+VERSIONS_DIR = "versions"
+SEED_INFO = "seed_info.json"  # marks the seed family (prompt-style detection); carried forward
+TRAIN_INFO = "train_info.json"  # provenance of a published version
+POLL_S = 0.5  # how long a starving worker sleeps before asking the buffer again
+
+
+def version_dir(run_dir: str | os.PathLike[str], version: int) -> Path:
+    """Where version ``version``'s checkpoint lives: ``run_dir/versions/v0001`` etc."""
+    return Path(run_dir).resolve() / VERSIONS_DIR / f"v{version:04d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def build_train_loop_config(
+    cfg: ScritConfig,
+    run_dir: str | os.PathLike[str],
+    buffer_name: str,
+    registry_name: str,
+    start_version: int = 0,
+    *,
+    namespace: str | None = None,
+    chat_template: bool = False,
+) -> dict[str, Any]:
+    """The plain-dict ``train_loop_config`` every worker receives (plain builtins pickle anywhere)."""
+    return {
+        "run_dir": str(Path(run_dir).resolve()),
+        "buffer_name": buffer_name,
+        "registry_name": registry_name,
+        "namespace": namespace,
+        "start_version": int(start_version),
+        "target_version": int(cfg.run.versions),
+        "seed": int(cfg.run.seed),
+        "use_gpu": cfg.resources.train_worker_num_gpus > 0,
+        "chat_template": bool(chat_template),
+        "train": msgspec.to_builtins(cfg.train),
+    }
+
+
+def run_training(
+    cfg: ScritConfig,
+    run_dir: str | os.PathLike[str],
+    buffer_name: str,
+    registry_name: str,
+    start_version: int = 0,
+    *,
+    namespace: str | None = None,
+    chat_template: bool = False,
+) -> Any:
+    """Train until the registry holds version ``cfg.run.versions`` (or a stop is requested); blocks.
+
+    ``start_version`` is the version the caller expects the registry's latest to be; workers refuse
+    to start from an older one (that would mean the registry lost versions). It also names the Ray
+    Train run, so a resumed run gets its own directory under ``run_dir/ray_train``. The buffer and
+    registry actors must already exist under ``buffer_name`` / ``registry_name`` (in ``namespace``,
+    default: the driver's). ``chat_template`` must match how the critic's backend wraps prompts.
+
+    Returns Ray Train's ``Result`` (``result.metrics``: rank 0's last report). The driver runs this in
+    a background thread.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    res = cfg.resources
+    use_gpu = res.train_worker_num_gpus > 0
+    resources: dict[str, float] = {"CPU": float(res.train_worker_num_cpus)}
+    if use_gpu:
+        resources["GPU"] = float(res.train_worker_num_gpus)
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    if cfg.train.strategy == "deepspeed" and not use_gpu:
+        # Must be in the worker's environment before deepspeed is first imported there.
+        env_vars["DS_ACCELERATOR"] = "cpu"
+    storage = Path(run_dir).resolve() / "ray_train"
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=build_train_loop_config(
+            cfg, run_dir, buffer_name, registry_name, start_version,
+            namespace=namespace, chat_template=chat_template,
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(storage),
+            # Unique per call: Ray Train v2 restores a run's state from a same-named directory.
+            name=f"{cfg.run.name}-from-v{start_version:04d}-{time.strftime('%Y%m%d-%H%M%S')}",
+            worker_runtime_env={"env_vars": env_vars},
+        ),
+    )
+    return trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker side
+
+
+class _Collective:
+    """The few cross-rank operations the loop needs; no-ops when training on a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.device = device
+
+    def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, "max")
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._reduce(values, "sum")
+
+    def _reduce(self, values: list[float], op: str) -> list[float]:
+        if not self.active:
+            return list(values)
+        import torch
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            self.dist.barrier()
+
+
+def deepspeed_config(train: dict[str, Any], world_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config for ``train`` (a ``TrainConfig`` as a dict).
+
+    ``bf16`` turns on DeepSpeed's own bf16 mode (bf16 weights, fp32 master copy in the optimizer); the
+    loop asks for it on GPUs only. On CPU the engine stays fp32 and the loop autocasts to bf16 instead,
+    which is what made CPU training 1.6x faster (DESIGN.md §11) and keeps published weights fp32.
+    """
+    zero: dict[str, Any] = {"stage": int(train["zero_stage"])}
+    if zero["stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": int(train["batch_size"]),
+        "gradient_accumulation_steps": int(train["grad_accum"]),
+        "train_batch_size": int(train["batch_size"]) * int(train["grad_accum"]) * world_size,
+        "gradient_clipping": float(train["max_grad_norm"]),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "steps_per_print": 2**31 - 1,  # progress goes through ray.train.report, not DeepSpeed's log
+        "wall_clock_breakdown": False,
+    }
+
+
+def _warmup(warmup_steps: int) -> Any:
+    """LR multiplier: linear warmup over ``warmup_steps`` optimizer steps, then constant.
+
+    Constant afterwards because training is open-ended: there is no horizon to decay towards. Each
+    (re)start warms up again, which suits a freshly created AdamW whose moments start at zero.
+    """
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def _sample_batch(
+    buffer: Any, registry: Any, collective: _Collective, tokenizer: Any, settings: dict[str, Any],
+    version: int, stats: dict[str, float],
+) -> dict[str, Any] | None:
+    """Block until *every* rank holds an encoded batch (returns this rank's) or any rank sees a stop
+    request (returns None on all ranks).
+
+    A rank that got a batch keeps it while the others wait, and the ranks agree through a tiny
+    all-reduce every poll, so nobody sits in a collective long enough to hit the process-group timeout
+    while producers are still generating the next round.
+    """
+    import ray
+
+    from scrit.train.sft import encode_examples
+
+    train = settings["train"]
+    mine: dict[str, Any] | None = None
+    waited_since: float | None = None
+    while True:
+        if mine is None:
+            examples: list[TrainingExample] | None = ray.get(
+                buffer.sample.remote(int(train["batch_size"]), version)
+            )
+            if examples:
+                encoded = encode_examples(
+                    tokenizer, examples, int(train["max_seq_len"]), chat_template=settings["chat_template"]
+                )
+                stats["skipped"] += encoded["num_skipped"]
+                if encoded["input_ids"].shape[0] > 0:
+                    mine = encoded
+        stop = bool(ray.get(registry.stop_requested.remote()))
+        missing, any_stop = collective.max([0.0 if mine is not None else 1.0, 1.0 if stop else 0.0])
+        if any_stop:
+            return None
+        if not missing:
+            if waited_since is not None:
+                stats["wait_s"] += time.monotonic() - waited_since
+            return mine
+        if waited_since is None:
+            waited_since = time.monotonic()
+        time.sleep(POLL_S)
+
+
+def _save_version(
+    model_for_saving: Any, state_dict: dict[str, Any] | None, tokenizer: Any, run_dir: str, version: int,
+    source_uri: str, step: int, parent: int,
+) -> Path:
+    """Write the checkpoint to a temp dir beside its final place, then rename it into place.
+
+    ``rename`` within one directory is atomic, so ``vNNNN`` either does not exist or is complete. A
+    leftover ``vNNNN`` (a crash between rename and publish: never published, so nobody reads it) is
+    replaced.
+    """
+    final = version_dir(run_dir, version)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # transformers 5 always writes safetensors (its ``safe_serialization`` flag is gone).
+    model_for_saving.save_pretrained(str(tmp), state_dict=state_dict)
+    tokenizer.save_pretrained(str(tmp))
+    seed_info = Path(source_uri) / SEED_INFO
+    if seed_info.is_file():
+        shutil.copy2(seed_info, tmp / SEED_INFO)
+    (tmp / TRAIN_INFO).write_text(
+        json.dumps({"version": version, "step": step, "parent_version": parent, "parent_uri": source_uri},
+                   indent=2) + "\n"
+    )
+    if final.exists():
+        stale = final.parent / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
+        os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
+def _report(metrics: dict[str, Any], published: WeightVersion | None) -> None:
+    """``ray.train.report`` on every rank (it is a barrier in Ray Train v2), with a pointer checkpoint
+    from rank 0.
+
+    Ray Train v2 keeps only metrics that come with a checkpoint (``Result.metrics`` is otherwise
+    None), so rank 0 attaches a tiny one: ``weight_version.json`` naming the published version. The
+    weights themselves stay in ``run_dir/versions``; this gives ``Result.metrics`` /
+    ``metrics_dataframe`` one row per version, and Ray's checkpoint list points at the versions.
+    """
+    import tempfile
+
+    import ray.train
+
+    if published is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="scrit-report-") as tmp:
+        (Path(tmp) / "weight_version.json").write_bytes(msgspec.json.encode(published))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_v{published.version:04d}",
+        )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function; ``config`` comes from ``build_train_loop_config``."""
+    train = config["train"]
+    strategy = train["strategy"]
+    if strategy == "deepspeed" and not config["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported in this process
+
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scrit.actors.registry import checkpoint_checksum
+    from scrit.backends.hf import load_tokenizer
+    from scrit.train.sft import sft_loss
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # fractional-CPU workers: more threads only fight each other
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL object collectives use the current device
+    torch.manual_seed(int(config["seed"]) + rank)
+    collective = _Collective(device)
+
+    buffer = ray.get_actor(config["buffer_name"], namespace=config["namespace"])
+    registry = ray.get_actor(config["registry_name"], namespace=config["namespace"])
+    # Rank 0 decides the starting point so that every rank loads the same weights.
+    latest: WeightVersion = collective.broadcast(ray.get(registry.latest.remote()) if rank == 0 else None)
+    if latest.version < config["start_version"]:
+        raise RuntimeError(
+            f"registry's latest version is {latest.version}, older than start_version "
+            f"{config['start_version']}: refusing to train from the wrong weights"
+        )
+    version, step = int(latest.version), int(latest.step)
+    target = int(config["target_version"])
+    if version >= target:
+        return
+
+    tokenizer = load_tokenizer(latest.uri)
+    model = AutoModelForCausalLM.from_pretrained(latest.uri, dtype=torch.float32, local_files_only=True)
+    model.config.use_cache = False
+    model.train()
+
+    lr, ga = float(train["lr"]), max(1, int(train["grad_accum"]))
+    bf16_supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    want_bf16 = bool(train["bf16"]) and bf16_supported
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(train["weight_decay"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(int(train["warmup_steps"])))
+
+    published: WeightVersion | None = None
+    engine = None
+    if strategy == "deepspeed":
+        import deepspeed
+
+        ds_bf16 = want_bf16 and device.type == "cuda"
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(train, world, ds_bf16),
+        )
+        autocast_bf16 = want_bf16 and not ds_bf16
+        forward_model: Any = engine
+    else:
+        forward_model = ray.train.torch.prepare_model(model)
+        autocast_bf16 = want_bf16
+
+    def unwrapped() -> Any:
+        if engine is not None:
+            return engine.module
+        return getattr(forward_model, "module", forward_model)
+
+    def autocast() -> Any:
+        if not autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    stats = {"skipped": 0.0, "wait_s": 0.0}
+    window = {"loss_sum": 0.0, "micro": 0, "tokens": 0, "target_tokens": 0, "compute_s": 0.0}
+    grad_norm = float("nan")
+    micro = 0
+    local_steps = 0
+    parent_uri, parent_version = latest.uri, version
+    steps_per_version = int(train["steps_per_version"])
+    while version < target:
+        batch = _sample_batch(buffer, registry, collective, tokenizer, config, version, stats)
+        if batch is None:
+            log.info("rank %d: stop requested at version %d, step %d", rank, version, step)
+            break
+        started = time.monotonic()
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        boundary = (micro + 1) % ga == 0
+        if engine is not None:
+            with autocast():
+                loss, n_target = sft_loss(engine, batch)
+            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            engine.step()  # steps the optimizer and scheduler only at an accumulation boundary
+            if boundary:
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else float("nan")
+        else:
+            sync = contextlib.nullcontext()
+            if not boundary and hasattr(forward_model, "no_sync"):
+                sync = forward_model.no_sync()  # all-reduce gradients once per optimizer step
+            with sync:
+                with autocast():
+                    loss, n_target = sft_loss(forward_model, batch)
+                (loss / ga).backward()
+            if boundary:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(forward_model.parameters(), float(train["max_grad_norm"])))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        window["loss_sum"] += float(loss.detach())
+        window["micro"] += 1
+        window["tokens"] += int(batch["attention_mask"].sum())
+        window["target_tokens"] += n_target
+        window["compute_s"] += time.monotonic() - started
+        if not boundary:
+            continue
+        step += 1
+        local_steps += 1
+        if local_steps % steps_per_version:
+            continue
+
+        # ---- publish a version -------------------------------------------------------------------
+        version += 1
+        state_dict = None
+        if engine is not None and int(train["zero_stage"]) == 3:
+            state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        if rank == 0:
+            path = _save_version(unwrapped(), state_dict, tokenizer, config["run_dir"], version, parent_uri,
+                                 step, parent_version)
+            published = WeightVersion(version=version, uri=str(path), checksum=checkpoint_checksum(path), step=step)
+            ray.get(registry.publish.remote(published))
+            log.info("published critic version %d (step %d) at %s", version, step, path)
+            parent_uri = str(path)
+        parent_version = version
+        collective.barrier()  # nobody samples for the new version before it is published
+
+        loss_sum, n_micro, tokens, target_tokens, compute_s, skipped = collective.sum(
+            [window["loss_sum"], window["micro"], window["tokens"], window["target_tokens"],
+             window["compute_s"], stats["skipped"]]
+        )
+        (slowest_compute,) = collective.max([window["compute_s"]])
+        metrics = {
+            "loss": loss_sum / max(n_micro, 1),
+            "tokens_per_s": tokens / slowest_compute if slowest_compute > 0 else 0.0,
+            "target_tokens": target_tokens,
+            "step": step,
+            "version": version,
+            "lr": float(scheduler.get_last_lr()[0]) if hasattr(scheduler, "get_last_lr") else lr,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else -1.0,
+            "wait_s": stats["wait_s"],
+            "skipped_examples": skipped,
+        }
+        _report(metrics, published if rank == 0 else None)
+        window = {"loss_sum": 0.0, "micro": 0, "tokens": 0, "target_tokens": 0, "compute_s": 0.0}
