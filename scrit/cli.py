@@ -20,17 +20,6 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _prompt_style(spec: str, style: str) -> str:
-    """'compact' for the seed family (their corpus taught them the format), 'instruct' for real LLMs."""
-    if style != "auto":
-        return style
-    if spec == "seed":
-        return "compact"
-    if spec.startswith(("http://", "https://")):
-        return "instruct"
-    return "compact" if (Path(spec) / "seed_info.json").is_file() else "instruct"
-
-
 def _open_backend(spec: str, batch_size: int, device: str):
     from scrit.backends import make_backend
 
@@ -55,6 +44,7 @@ def eval_command(
 ) -> None:
     """Score a critic (DESIGN.md §6): EI-F1, its SCRIT variant and CC-Acc per split."""
     from scrit.evaluate import MODES, evaluate, load_bench
+    from scrit.prompts import resolve_prompt_style
 
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -74,7 +64,7 @@ def eval_command(
         task = progress.add_task(f"{bench}/{mode}", total=len(items))
         try:
             report = evaluate(backend, items, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              style=_prompt_style(model, prompt_style),
+                              style=resolve_prompt_style(model, prompt_style),
                               on_batch=lambda n: progress.advance(task, n))
         except ValueError as error:
             _fail(str(error))
@@ -105,35 +95,71 @@ def _print_table(result: dict) -> None:
 @app.command("seed")
 def seed_command(
     out: Optional[Path] = typer.Option(None, help="output directory (default: the shipped seed_model directory)"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the documented recipe)"),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None, help="random seed of the corpus and the initialization"),
     probe_every: int = typer.Option(1000, help="checkpoint and probe held-out accuracy every N steps"),
 ) -> None:
-    """Rebuild the seed critic from scratch on the generated arith corpus (CPU: about 70 min)."""
-    from dataclasses import replace
-
+    """Rebuild the seed critic from scratch on the generated arith corpus (two phases; see the README)."""
     from scrit.seed import SEED_MODEL_DIR
-    from scrit.seed.train import SeedRecipe, train_seed
+    from scrit.seed.train import build_seed
 
-    recipe = SeedRecipe()
-    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-                 if v is not None}
-    recipe = replace(recipe, **overrides)
     target = out or SEED_MODEL_DIR
 
     def probe(path: Path, step: int) -> None:
+        from transformers import AutoModelForCausalLM
+
         from scrit.backends.hf import load_tokenizer
         from scrit.seed.monitor import probe as run_probe
-        from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         scores = run_probe(model, load_tokenizer(path))
         typer.echo(f"probe at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
 
-    train_seed(target, recipe, log=lambda line: typer.echo(line), checkpoint_every=probe_every, on_checkpoint=probe)
+    build_seed(target, log=lambda line: typer.echo(line), checkpoint_every=probe_every, on_checkpoint=probe)
     typer.echo(f"seed model written to {target}")
+
+
+@app.command("run")
+def run_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: built-in arith + seed)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set train.lr=1e-4"),
+    run_dir: Optional[Path] = typer.Option(None, help="run directory (default: run.run_dir from the config)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last published version and the buffer"),
+) -> None:
+    """Run the self-play loop: solvers, critic, validator, replay buffer, Ray Train, hot swap."""
+    from scrit.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as error:
+        _fail(str(error))
+    from rich.console import Console
+
+    from scrit.actors.pipeline import RunDirError, SelfPlayRun
+
+    console = Console(stderr=True)
+    directory = run_dir or Path(cfg.run.run_dir)
+
+    def show(event: dict) -> None:
+        if event["kind"] == "eval":
+            console.print(f"[bold green]eval[/] version {event['version']}: EI-F1 {event.get('ei_f1') or 0:.3f} "
+                          f"CC-Acc {event.get('cc_acc') or 0:.3f} parse {event.get('parse_rate') or 0:.2f}")
+        elif event["kind"] == "batch":
+            rate = "-" if event.get("pass_rate") is None else f"{event['pass_rate']:.2f}"
+            console.print(f"[{event['t']:7.1f}s] critic v{event['latest_version']}  solved "
+                          f"{event['solutions_correct']}/{event['solutions']}  critiques {event['critiques']}  "
+                          f"parsed {event['parsed']}  kept {event['kept']} (pass {rate})  buffer {event['buffer_size']}")
+
+    console.print(f"scrit run → {directory.resolve()}  (versions: {cfg.run.versions}, "
+                  f"validator: {'on' if cfg.validator.enabled else 'off'})")
+    try:
+        summary = SelfPlayRun(cfg, directory, resume=resume, on_event=show).run()
+    except (RunDirError, ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    if not summary:
+        _fail("the run stopped before it started")
+    console.print(f"done: {summary['versions']} versions in {summary['wall_seconds']:.0f} s; "
+                  f"final model {summary['final_model']}; report {directory / 'report.md'}")
+    if summary.get("interrupted"):
+        raise typer.Exit(code=130)
 
 
 def main() -> None:  # pragma: no cover - console entry point

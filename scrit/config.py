@@ -74,6 +74,8 @@ class RunConfig(_Section):
     eval_every_version: bool = True  # held-out EI-F1 / CC-Acc after each published version
     heldout_eval_items: int = 200  # 0 disables held-out evaluation
     keep_serving: bool = False  # leave the Serve endpoint up after the last version
+    problems_per_batch: int = 16  # problems the pipeline takes per pass (solve -> critique -> validate)
+    max_per_class: int = 2  # per problem and solver: at most this many correct and this many incorrect
 
 
 class DomainConfig(_Section):
@@ -94,6 +96,7 @@ class CriticConfig(_Section):
     max_new_tokens: int = 512  # the seed tokenizer is character-level: tokens = characters
     temperature: float = 0.0  # 0 = greedy
     mode: CritiqueMode = "contrastive"
+    prompt_style: str = "auto"  # compact | instruct | auto (compact for seed-family checkpoints)
 
 
 class SolverSpec(_Section):
@@ -122,6 +125,7 @@ class BufferConfig(_Section):
     correct_ratio: float = 0.5  # share of examples whose student solution was correct (0.5 = 1:1)
     max_staleness: int = 1  # versions an example may lag the trainer; 0 = synchronous rounds
     max_ahead: int = 64  # backpressure: examples producers may hold beyond what the trainer consumed
+    strict: bool = True  # a batch short of one class waits (True) or is filled from the other (False)
 
 
 class TrainConfig(_Section):
@@ -428,6 +432,9 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     non_empty("run.name", run.name)
     non_empty("run.run_dir", run.run_dir)
     positive("run.max_wall_seconds", run.max_wall_seconds)
+    positive("run.problems_per_batch", run.problems_per_batch)
+    positive("run.max_per_class", run.max_per_class)
+    one_of("critic.prompt_style", cfg.critic.prompt_style, ("auto", "compact", "instruct"))
     at_least("run.versions", run.versions, 1)
     at_least("run.heldout_eval_items", run.heldout_eval_items, 0)
 

@@ -41,6 +41,19 @@ CORRECTION_MARKER = "Correction:"
 CONCLUSION_CORRECT = "Conclusion: correct, no wrong step"
 
 
+def resolve_prompt_style(model_spec: str, style: str = "auto") -> str:
+    """'compact' for seed-family checkpoints (their corpus taught them the format), 'instruct' otherwise."""
+    if style != "auto":
+        return style
+    if model_spec == "seed":
+        return "compact"
+    if model_spec.startswith(("http://", "https://")):
+        return "instruct"
+    from pathlib import Path
+
+    return "compact" if (Path(model_spec) / "seed_info.json").is_file() else "instruct"
+
+
 def _header(base: str, instructions: str, style: str) -> str:
     if style == "compact":
         return base

@@ -300,6 +300,13 @@ def _save_version(
     return final
 
 
+def _append_train_metrics(run_dir: str, metrics: dict[str, Any]) -> None:
+    """One JSON line per published version in ``run_dir/train_metrics.jsonl`` (read by the run report)."""
+    line = json.dumps({"kind": "train", "time": time.time(), **metrics})
+    with open(Path(run_dir) / "train_metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+
 def _report(metrics: dict[str, Any], published: WeightVersion | None) -> None:
     """``ray.train.report`` on every rank (it is a barrier in Ray Train v2), with a pointer checkpoint
     from rank 0.
@@ -483,5 +490,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "wait_s": stats["wait_s"],
             "skipped_examples": skipped,
         }
+        if rank == 0:
+            _append_train_metrics(config["run_dir"], metrics)
         _report(metrics, published if rank == 0 else None)
         window = {"loss_sum": 0.0, "micro": 0, "tokens": 0, "target_tokens": 0, "compute_s": 0.0}
