@@ -1,0 +1,97 @@
+"""The end-of-run report: ``report.md`` with PNG plots drawn from ``metrics.jsonl``.
+
+``metrics.jsonl`` holds one JSON object per event, each with ``kind`` and ``t`` (seconds since the
+run started): ``batch`` (one pass of the self-play pipeline: pass rate, buffer size) and ``eval``
+(held-out scores of one version); the trainer writes its loss per version to ``train_metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Events from metrics.jsonl; a torn last line (crash mid-write) is skipped."""
+    events = []
+    path = Path(path)
+    if not path.is_file():
+        return events
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def _plot(path: Path, title: str, xlabel: str, series: dict[str, tuple[list[float], list[float]]],
+          ylabel: str = "", marker: str = "o") -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {name: xy for name, xy in series.items() if xy[0]}
+    if not series:
+        return False
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for name, (xs, ys) in series.items():
+        axes.plot(xs, ys, marker=marker, label=name)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    if len(series) > 1:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write plots and ``report.md`` into ``run_dir``; returns the report path."""
+    run_dir = Path(run_dir)
+    events = read_metrics(run_dir / "metrics.jsonl")
+    evals = sorted((e for e in events if e.get("kind") == "eval"), key=lambda e: e["version"])
+    batches = [e for e in events if e.get("kind") == "batch"]
+    train = read_metrics(run_dir / "train_metrics.jsonl")
+    plots = []
+    if _plot(run_dir / "heldout_scores.png", "Held-out critique scores per critic version", "critic version",
+             {key: ([e["version"] for e in evals if e.get(key) is not None],
+                    [e[key] for e in evals if e.get(key) is not None]) for key in ("ei_f1", "cc_acc", "ei_f1_scrit")}):
+        plots.append(("Held-out scores per version", "heldout_scores.png"))
+    if _plot(run_dir / "pass_rate.png", "Validation pass rate", "seconds",
+             {"pass rate": ([e["t"] for e in batches if e.get("pass_rate") is not None],
+                            [e["pass_rate"] for e in batches if e.get("pass_rate") is not None])}):
+        plots.append(("Validation pass rate", "pass_rate.png"))
+    if _plot(run_dir / "buffer_size.png", "Replay buffer size", "seconds",
+             {"examples": ([e["t"] for e in batches], [e.get("buffer_size", 0) for e in batches])}):
+        plots.append(("Replay buffer size", "buffer_size.png"))
+    if _plot(run_dir / "train_loss.png", "Trainer loss", "optimizer step",
+             {"loss": ([e["step"] for e in train], [e["loss"] for e in train])}, marker=""):
+        plots.append(("Trainer loss", "train_loss.png"))
+
+    lines = [f"# scrit run report: {summary.get('run_name', run_dir.name)}", ""]
+    lines += [f"- versions published: {summary.get('versions')}",
+              f"- seed model: `{summary.get('seed_model')}`",
+              f"- final model: `{summary.get('final_model')}`",
+              f"- wall time: {summary.get('wall_seconds', 0):.0f} s",
+              f"- validator: {'on' if summary.get('validator_enabled') else 'off'}"
+              f" (answer match required: {summary.get('require_answer_match')})", ""]
+    if evals:
+        lines += ["## Held-out evaluation (direct critique, problems never trained on)", "",
+                  "| version | n | EI-F1 | EI-F1 (SCRIT) | CC-Acc | acc_err | acc_cor | parse rate |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in evals:
+            cells = [f"{e[k]:.3f}" if isinstance(e.get(k), (int, float)) else "-"
+                     for k in ("ei_f1", "ei_f1_scrit", "cc_acc", "acc_err", "acc_cor", "parse_rate")]
+            lines.append(f"| {e['version']} | {e.get('n', '-')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for title, file in plots:
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
