@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from scrit.domains import arith
 from scrit.prompts import critic_prompt, render_critique, solver_prompt
 
-# Default corpus mix (shares of examples); documented in the README.
+# Corpus mixes (shares of examples), documented in the README. Phase 1 teaches the formats, copying
+# and comparing; phase 2 (from phase 1's weights) shifts weight to arithmetic: solver solutions and
+# dense drills of correct steps, while still rehearsing critiques so phase 1's skills stay.
 DEFAULT_MIX = {"solver": 0.30, "contrastive": 0.63, "direct": 0.07}
+PHASE2_MIX = {"solver": 0.35, "drill": 0.25, "contrastive": 0.33, "direct": 0.07}
+DRILL_HEADER = "Compute each step.\n"
 INCORRECT_SHARE = 0.6  # share of critique examples whose student solution has a wrong step
 HELDOUT_BUCKETS = 10  # 1 in 10 problems (by a stable hash of the text) is held out of all training
 
@@ -89,9 +93,19 @@ def critique_example(rng: random.Random, problem: arith.ArithProblem, contrastiv
     return Example("contrastive" if contrastive else "direct", prompt, target, span)
 
 
+def drill_example(rng: random.Random, first: arith.ArithProblem, problems: int = 4) -> Example:
+    """Correct steps of several training problems, one per line: arithmetic practice at ~25 facts a row."""
+    steps = list(first.correct_steps())
+    for _ in range(problems - 1):
+        steps += generate_split_problem(rng, "train").correct_steps()
+    return Example("drill", DRILL_HEADER, "\n".join(steps))
+
+
 def sample_example(rng: random.Random, mix: dict[str, float] = DEFAULT_MIX) -> Example:
     problem = generate_split_problem(rng, "train")
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     if kind == "solver":
         return solver_example(problem)
+    if kind == "drill":
+        return drill_example(rng, problem)
     return critique_example(rng, problem, contrastive=(kind == "contrastive"))

@@ -19,10 +19,11 @@ from typing import Callable
 
 import torch
 
-from scrit.seed.corpus import DEFAULT_MIX, Example, sample_example
+from scrit.seed.corpus import DEFAULT_MIX, PHASE2_MIX, Example, sample_example
 from scrit.seed.tokenizer import build_char_tokenizer
 
 _VERDICT_SPAN = re.compile(r"(?<=: )(correct|wrong)$|(?<=^Conclusion: ).*$", re.MULTILINE)
+_RESULT_SPAN = re.compile(r"(?<== )-?\d+")  # the computed Y of every "X op N = Y"
 
 
 @dataclass
@@ -40,10 +41,34 @@ class SeedRecipe:
     num_heads: int = 6
     verdict_weight: float = 4.0
     reference_weight: float = 0.3
+    result_weight: float = 1.0  # extra weight on computed results (the Y of X op N = Y)
     bf16: bool = True
     pool_batches: int = 16  # examples are drawn in pools of this many batches and bucketed by length
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     threads: int = 0  # 0 = torch default
+
+
+def phase2_recipe() -> SeedRecipe:
+    """Phase 2: from phase 1's weights, a fresh optimizer, more arithmetic (see corpus.PHASE2_MIX)."""
+    return SeedRecipe(seed=4321, steps=3000, lr=1e-3, min_lr=5e-5, warmup_steps=100, result_weight=2.0,
+                      mix=dict(PHASE2_MIX))
+
+
+def build_seed(out_dir: str | Path, phase1: SeedRecipe | None = None, phase2: SeedRecipe | None = None,
+               log: Callable[[str], None] = print, checkpoint_every: int = 1000,
+               on_checkpoint: Callable[[Path, int], None] | None = None) -> Path:
+    """The whole documented rebuild: phase 1 into ``out_dir/phase1``, then phase 2 into ``out_dir``."""
+    out_dir = Path(out_dir)
+    phase1_dir = out_dir.parent / f".{out_dir.name}-phase1"
+    started = time.time()
+    train_seed(phase1_dir, phase1 or SeedRecipe(), log, checkpoint_every, on_checkpoint)
+    train_seed(out_dir, phase2 or phase2_recipe(), log, checkpoint_every, on_checkpoint, init_from=phase1_dir)
+    info_path = out_dir / "seed_info.json"
+    info = json.loads(info_path.read_text())
+    info["phase1"] = json.loads((phase1_dir / "seed_info.json").read_text())
+    info["total_seconds"] = round(time.time() - started, 1)
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir
 
 
 def build_model(recipe: SeedRecipe, vocab_size: int, tokenizer) -> torch.nn.Module:
@@ -75,6 +100,10 @@ def encode_example(example: Example, char_ids: dict[str, int], bos: int, eos: in
     offset = 1 + len(example.prompt)
     for i in range(offset, len(ids)):
         weights[i] = 1.0
+    if recipe.result_weight != 1.0:
+        for match in _RESULT_SPAN.finditer(example.target):
+            for i in range(match.start(), match.end()):
+                weights[offset + i] = recipe.result_weight
     for match in _VERDICT_SPAN.finditer(example.target):
         for i in range(match.start(), match.end()):
             weights[offset + i] = recipe.verdict_weight
@@ -128,15 +157,21 @@ def train_seed(
     log: Callable[[str], None] = print,
     checkpoint_every: int = 1000,
     on_checkpoint: Callable[[Path, int], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
-    """Train from scratch and save a plain HF checkpoint (safetensors + tokenizer) in ``out_dir``."""
+    """Train (from scratch, or from ``init_from``'s weights) and save an HF checkpoint in ``out_dir``."""
     out_dir = Path(out_dir)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     tokenizer = build_char_tokenizer()
     vocab = tokenizer.get_vocab()
     char_ids = {token: index for token, index in vocab.items() if len(token) == 1}
-    model = build_model(recipe, len(tokenizer), tokenizer)
+    if init_from is None:
+        model = build_model(recipe, len(tokenizer), tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(init_from)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"seed model: {n_params / 1e6:.2f}M parameters; recipe {json.dumps(asdict(recipe))}")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
