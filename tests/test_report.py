@@ -1,0 +1,29 @@
+"""The run report: plots and a markdown table from metrics.jsonl, tolerant of a torn last line."""
+
+from __future__ import annotations
+
+import json
+
+from scrit.report import read_metrics, write_report
+
+
+def test_report_has_table_and_plots(tmp_path):
+    events = [
+        {"kind": "batch", "t": 1.0, "pass_rate": 0.5, "buffer_size": 10},
+        {"kind": "eval", "t": 2.0, "version": 0, "n": 50, "ei_f1": 0.30, "cc_acc": 0.40, "ei_f1_scrit": 0.35,
+         "acc_err": 0.2, "acc_cor": 0.9, "parse_rate": 1.0},
+        {"kind": "batch", "t": 3.0, "pass_rate": 0.7, "buffer_size": 30},
+        {"kind": "eval", "t": 4.0, "version": 1, "n": 50, "ei_f1": 0.45, "cc_acc": 0.50, "ei_f1_scrit": 0.5,
+         "acc_err": 0.4, "acc_cor": 0.8, "parse_rate": 1.0},
+    ]
+    lines = [json.dumps(e) for e in events]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "bat')  # torn tail
+    (tmp_path / "train_metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 5, "loss": 0.9}) + "\n")
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 4
+    report = write_report(tmp_path, {"versions": 1, "seed_model": "s", "final_model": "f", "wall_seconds": 12.0,
+                                     "validator_enabled": True, "require_answer_match": True})
+    text = report.read_text()
+    assert "| 1 | 50 | 0.450 |" in text and "| 0 | 50 | 0.300 |" in text
+    for name in ("heldout_scores.png", "pass_rate.png", "buffer_size.png", "train_loss.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+        assert f"({name})" in text
