@@ -59,6 +59,7 @@ class ProblemSource:
     def _load_pool(self) -> list[Problem]:
         domain = self.cfg.domain
         if domain.name == "arith":
+            from scrit.domains.arith import render_solution
             from scrit.seed.corpus import generate_split_problem
 
             rng = random.Random(self.cfg.run.seed)
@@ -66,7 +67,8 @@ class ProblemSource:
             for i in range(domain.num_problems):
                 problem = generate_split_problem(rng, "train", domain.min_ops, domain.max_ops)
                 pool.append(Problem(id=f"arith-train-{self.cfg.run.seed}-{i}", domain="arith",
-                                    question=problem.text, answer=str(problem.answer)))
+                                    question=problem.text, answer=str(problem.answer),
+                                    reference=render_solution(problem.correct_steps())))
             return pool
         from scrit.domains.gsm8k import load_gsm8k
 
@@ -265,7 +267,7 @@ class SelfPlayRun:
 
         from scrit.actors.shells import pack, unpack
         from scrit.selfplay import (complete_critique, corrected_solution, get_domain, make_requests,
-                                    select_for_critique, training_example)
+                                    reference_solution, select_for_critique, training_example)
 
         cfg = self.cfg
         domain = get_domain(cfg.domain.name)
@@ -275,6 +277,11 @@ class SelfPlayRun:
             for solution in unpack(batch):
                 solutions_by_problem[solution.problem_id].append(solution)
         all_solutions = [s for group in solutions_by_problem.values() for s in group]
+        if cfg.run.reference_as_correct:
+            for problem in problems:
+                reference = reference_solution(domain, problem)
+                if reference is not None and reference.correct:
+                    solutions_by_problem[problem.id].append(reference)
         selected = select_for_critique(solutions_by_problem, cfg.run.max_per_class, self.rng)
         requests = [r for pid, sols in selected.items()
                     for r in make_requests(by_id[pid], sols, self.rng, cfg.critic.mode, domain)]

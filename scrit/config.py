@@ -76,6 +76,9 @@ class RunConfig(_Section):
     keep_serving: bool = False  # leave the Serve endpoint up after the last version
     problems_per_batch: int = 16  # problems the pipeline takes per pass (solve -> critique -> validate)
     max_per_class: int = 2  # per problem and solver: at most this many correct and this many incorrect
+    # The problem's own reference solution (just a correct solution, DESIGN.md §1) joins the solvers'
+    # solutions as a correct one, so weak solvers still yield correct-vs-incorrect pairs.
+    reference_as_correct: bool = True
 
 
 class DomainConfig(_Section):

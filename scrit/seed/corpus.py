@@ -22,7 +22,7 @@ from scrit.prompts import critic_prompt, render_critique, solver_prompt
 # and comparing; phase 2 (from phase 1's weights) shifts weight to arithmetic: solver solutions and
 # dense drills of correct steps, while still rehearsing critiques so phase 1's skills stay.
 DEFAULT_MIX = {"solver": 0.30, "contrastive": 0.63, "direct": 0.07}
-PHASE2_MIX = {"solver": 0.35, "drill": 0.25, "contrastive": 0.33, "direct": 0.07}
+PHASE2_MIX = {"solver": 0.35, "drill": 0.35, "contrastive": 0.23, "direct": 0.07}
 DRILL_HEADER = "Compute each step.\n"
 INCORRECT_SHARE = 0.6  # share of critique examples whose student solution has a wrong step
 HELDOUT_BUCKETS = 10  # 1 in 10 problems (by a stable hash of the text) is held out of all training

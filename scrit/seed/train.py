@@ -44,6 +44,7 @@ class SeedRecipe:
     result_weight: float = 1.0  # extra weight on computed results (the Y of X op N = Y)
     bf16: bool = True
     pool_batches: int = 16  # examples are drawn in pools of this many batches and bucketed by length
+    pad_multiple: int = 32  # round batch widths up: few distinct shapes keep CPU kernel caches small
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     threads: int = 0  # 0 = torch default
 
@@ -123,7 +124,8 @@ def batches(rng: random.Random, recipe: SeedRecipe, char_ids, bos, eos, unk, pad
         groups = [pool[i:i + recipe.batch_size] for i in range(0, len(pool), recipe.batch_size)]
         rng.shuffle(groups)
         for group in groups:
-            width = max(len(ids) for ids, _ in group)
+            longest = max(len(ids) for ids, _ in group)
+            width = -(-longest // recipe.pad_multiple) * recipe.pad_multiple
             input_ids = torch.full((len(group), width), pad, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)
             weights = torch.zeros((len(group), width), dtype=torch.float32)
