@@ -69,10 +69,10 @@ class RunConfig(_Section):
     name: str = "default"
     run_dir: str = "runs/default"  # checkpoints, registry, metrics and summaries go here
     seed: int = 0
-    max_wall_seconds: float = 900.0  # the whole run stops (cleanly) after this long
-    versions: int = 4  # critic versions to publish after the seed (version 0)
+    max_wall_seconds: float = 780.0  # the whole run stops (cleanly) after this long
+    versions: int = 5  # critic versions to publish after the seed (version 0)
     eval_every_version: bool = True  # held-out EI-F1 / CC-Acc after each published version
-    heldout_eval_items: int = 200  # 0 disables held-out evaluation
+    heldout_eval_items: int = 100  # 0 disables held-out evaluation
     keep_serving: bool = False  # leave the Serve endpoint up after the last version
     problems_per_batch: int = 16  # problems the pipeline takes per pass (solve -> critique -> validate)
     max_per_class: int = 2  # per problem and solver: at most this many correct and this many incorrect
@@ -138,7 +138,7 @@ class TrainConfig(_Section):
     lr: float = 1e-4
     batch_size: int = 8
     grad_accum: int = 1
-    steps_per_version: int = 25  # K: optimizer steps between published versions
+    steps_per_version: int = 10  # K: optimizer steps between published versions
     max_seq_len: int = 1024
     bf16: bool = True  # bf16 autocast is ~1.6x faster than fp32 on the dev CPUs
     weight_decay: float = 0.0
