@@ -201,7 +201,10 @@ class HFBackend:
         else:
             ids = tokenizer(prompt)["input_ids"]
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            ids = ids[-self.max_prompt_tokens :]  # keep the end: that is where the question is
+            # Keep the end (that is where the question is), and a leading <s>: the model was trained with it.
+            bos = tokenizer.bos_token_id
+            head = [ids[0]] if bos is not None and ids[0] == bos and self.max_prompt_tokens > 1 else []
+            ids = head + ids[len(ids) - (self.max_prompt_tokens - len(head)) :]
         if not ids:  # generate() needs at least one position to condition on
             start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
             ids = [start if start is not None else 0]
