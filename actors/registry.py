@@ -74,6 +74,7 @@ class WeightRegistry:
         self.path = registry_path(run_dir)
         self._lock = threading.Lock()
         self._stop = False
+        self._metrics_targets: dict[str, str] = {}
         self._versions: list[WeightVersion] = [self._seed_version(seed_uri)]
         self.resumed = 0  # versions reloaded from the log
         for version in self._load():
@@ -169,6 +170,14 @@ class WeightRegistry:
 
     def request_stop(self) -> None:
         self._stop = True
+
+    def register_metrics_target(self, component: str, url: str) -> None:
+        """A process's Prometheus exporter URL (e.g. the trainer's rank 0); the driver lists them."""
+        self._metrics_targets[str(component)] = str(url)
+
+    def metrics_targets(self) -> dict[str, str]:
+        """Exporter URLs registered so far, by component."""
+        return dict(self._metrics_targets)
 
     def stop_requested(self) -> bool:
         return self._stop

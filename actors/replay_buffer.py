@@ -259,6 +259,15 @@ class ReplayBuffer:
                 "torn_bytes": self._log.torn_bytes,
             }
 
+    def metrics_url(self, run: str, port: int = 0) -> str:
+        """Start this process's Prometheus exporter (once) with the buffer gauges (size, balance,
+        staleness, room: read from ``stats()`` at scrape time) labelled ``run``; returns its URL."""
+        from scrit import telemetry
+
+        url = telemetry.start_exporter(port=port, run=run)
+        telemetry.watch_buffer(self.stats)
+        return url
+
     def close(self) -> None:
         """Release the log (and its single-writer lock)."""
         self._log.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from scrit import telemetry
 from scrit.backends.base import Generation, InferenceBackend, SamplingParams
 from scrit.domains.base import Domain
 from scrit.messages import Correction, Critique, CritiqueRequest, Problem, Solution, Validation, WeightVersion
@@ -119,15 +120,19 @@ class _Role:
                 self.backend.load_weights(latest.version, latest.uri)
             except Exception as error:  # noqa: BLE001 - keep serving the current version
                 self.swap_errors += 1
+                telemetry.count_swap_error(telemetry.role_of(self))
                 log.error("could not load critic version %d from %s: %s", latest.version, latest.uri, error)
                 return False
             self.swap_latencies.append(time.perf_counter() - start)
             self.swaps += 1
+            telemetry.observe_swap(telemetry.role_of(self), latest)
         log.info("%s now on version %d (%.2fs)", type(self).__name__, latest.version, self.swap_latencies[-1])
         return True
 
     def _generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
+        started = time.perf_counter()
         generations = self.backend.generate(prompts, sampling) if prompts else []
+        telemetry.record_generation(telemetry.role_of(self), generations, time.perf_counter() - started)
         self.batches += 1
         self.items += len(generations)
         self.prompt_tokens += sum(g.prompt_tokens for g in generations)

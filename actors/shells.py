@@ -91,6 +91,18 @@ class _Engine:
         """For ``ray.get(actor.ready.remote())``: returns once the model is loaded."""
         return True
 
+    def metrics_url(self, run: str, port: int = 0) -> str:
+        """Start this actor process's Prometheus exporter (once; ``scrit.telemetry``) with ``run`` as
+        the run label, and return its URL for the driver's targets file."""
+        from scrit import telemetry
+        from scrit.actors.roles import _Role
+
+        url = telemetry.start_exporter(port=port, run=run)
+        for role in vars(self).values():
+            if isinstance(role, _Role):
+                telemetry.set_version(telemetry.role_of(role), role.version)
+        return url
+
 
 class SolverEngine(_Engine):
     """A solver model in an actor. Solvers are fixed models by default (``follow_registry=False``)."""

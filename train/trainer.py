@@ -91,6 +91,7 @@ def build_train_loop_config(
         "use_gpu": cfg.resources.train_worker_num_gpus > 0,
         "chat_template": bool(chat_template),
         "train": msgspec.to_builtins(cfg.train),
+        "metrics_run": cfg.run.name if cfg.metrics.enabled else None,  # rank 0 exports Prometheus metrics
     }
 
 
@@ -307,6 +308,24 @@ def _append_train_metrics(run_dir: str, metrics: dict[str, Any]) -> None:
         handle.write(line + "\n")
 
 
+def _start_metrics(config: dict[str, Any], registry: Any, world: int) -> Any:
+    """Rank 0's Prometheus exporter (when ``metrics.enabled``); its URL goes to the registry actor,
+    from which the driver adds it to ``prometheus_targets.json``. Returns a ``TrainMeter`` or None."""
+    run = config.get("metrics_run")
+    if not run:
+        return None
+    import ray
+
+    from scrit import telemetry
+
+    try:
+        url = telemetry.start_exporter(run=run)
+        ray.get(registry.register_metrics_target.remote("trainer", url))
+    except Exception as error:  # noqa: BLE001 - metrics must never stop training
+        log.warning("trainer metrics exporter not started: %s", error)
+    return telemetry.TrainMeter(world)
+
+
 def _report(metrics: dict[str, Any], published: WeightVersion | None) -> None:
     """``ray.train.report`` on every rank (it is a barrier in Ray Train v2), with a pointer checkpoint
     from rank 0.
@@ -361,6 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     buffer = ray.get_actor(config["buffer_name"], namespace=config["namespace"])
     registry = ray.get_actor(config["registry_name"], namespace=config["namespace"])
+    meter = _start_metrics(config, registry, world) if rank == 0 else None
     # Rank 0 decides the starting point so that every rank loads the same weights.
     latest: WeightVersion = collective.broadcast(ray.get(registry.latest.remote()) if rank == 0 else None)
     if latest.version < config["start_version"]:
@@ -456,6 +476,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         step += 1
         local_steps += 1
+        if meter is not None:
+            meter.step(step, window)
         if local_steps % steps_per_version:
             continue
 
@@ -469,6 +491,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  step, parent_version)
             published = WeightVersion(version=version, uri=str(path), checksum=checkpoint_checksum(path), step=step)
             ray.get(registry.publish.remote(published))
+            if meter is not None:
+                meter.published(version)
             log.info("published critic version %d (step %d) at %s", version, step, path)
             parent_uri = str(path)
         parent_version = version
