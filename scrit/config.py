@@ -31,6 +31,7 @@ __all__ = [
     "ResourcesConfig",
     "ServeConfig",
     "MetricsConfig",
+    "VLLMConfig",
     "ScritConfig",
     "BACKENDS",
     "default_config",
@@ -121,6 +122,7 @@ class CorrectorConfig(_Section):
 class ValidatorConfig(_Section):
     enabled: bool = True
     require_answer_match: bool = True  # the correction's answer must also equal the known answer
+    require_verdict_match: bool = True  # the critique's conclusion must agree with the final-answer label
 
 
 class BufferConfig(_Section):
@@ -178,6 +180,14 @@ class MetricsConfig(_Section):
     port: int = 0  # 0 = pick a free port
 
 
+class VLLMConfig(_Section):
+    """Engine options for every role whose ``backend`` is ``vllm`` (``scrit.backends.VLLMBackend``)."""
+
+    tensor_parallel_size: int = 1  # GPUs per engine; give the actors as many (resources.actor_num_gpus)
+    gpu_memory_utilization: float = 0.85  # share of each GPU the engine may take (weights + KV cache)
+    max_model_len: int | None = None  # None = the model's own context length
+
+
 class ScritConfig(_Section):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     domain: DomainConfig = msgspec.field(default_factory=DomainConfig)
@@ -190,6 +200,7 @@ class ScritConfig(_Section):
     resources: ResourcesConfig = msgspec.field(default_factory=ResourcesConfig)
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    vllm: VLLMConfig = msgspec.field(default_factory=VLLMConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,6 +515,11 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     at_least("serve.max_batch_size", serve.max_batch_size, 1)
     at_least("serve.batch_wait_timeout_s", serve.batch_wait_timeout_s, 0)
     port("metrics.port", cfg.metrics.port)
+    at_least("vllm.tensor_parallel_size", cfg.vllm.tensor_parallel_size, 1)
+    need(0.0 < cfg.vllm.gpu_memory_utilization <= 1.0, "vllm.gpu_memory_utilization", "must be in (0, 1]",
+         cfg.vllm.gpu_memory_utilization)
+    if cfg.vllm.max_model_len is not None:
+        at_least("vllm.max_model_len", cfg.vllm.max_model_len, 16)
     return problems
 
 

@@ -36,6 +36,23 @@ SOLVER_FORMAT_INSTRUCTIONS = (
     "Write one step per line as `Step k: ...` and end with `The answer is \\boxed{answer}.`"
 )
 
+# Instruct style only: a worked example and a closing instruction between the student solution and
+# ``Critique:``. Without them a small instruction-tuned model (SmolLM2-135M-Instruct, the offline
+# real-model path) answers the problem instead of writing the format: measured on 12 GSM8K critique
+# prompts with its chat template, 0/12 critiques parsed with the instructions alone, 12/12 with this
+# trailer (in a tiny `scrit run` about half parse; the content is poor, the format is there).
+FORMAT_EXAMPLE = (
+    "Example:\n"
+    "Step 1: 3 + 4 = 7: correct\n"
+    "Step 2: 7 * 2 = 16: wrong\n"
+    "Conclusion: incorrect, first wrong step 2\n"
+    "Correction:\n"
+    "Step 2: 7 * 2 = 14\n"
+    "The answer is \\boxed{14}."
+)
+CRITIQUE_REMINDER = "Now write your critique of the student solution in this format, starting with `Step 1:`."
+INSTRUCT_CRITIQUE_TRAILER = f"{FORMAT_EXAMPLE}\n{CRITIQUE_REMINDER}\n"
+
 CRITIQUE_START = "Critique:\n"
 CORRECTION_MARKER = "Correction:"
 CONCLUSION_CORRECT = "Conclusion: correct, no wrong step"
@@ -54,6 +71,31 @@ def resolve_prompt_style(model_spec: str, style: str = "auto") -> str:
     return "compact" if (Path(model_spec) / "seed_info.json").is_file() else "instruct"
 
 
+def use_chat_template(model_path: str, style: str) -> bool:
+    """Whether a backend for ``model_path`` should wrap prompts in the model's chat template.
+
+    True for the instruct style when the checkpoint directory ships a chat template
+    (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json``): an instruction-tuned
+    model prompted without its template mostly rambles (SmolLM2-135M-Instruct: 0 of 96 GSM8K critiques
+    parsed). Never for the compact style (the seed family has no template and was trained on bare
+    prompts) or for URLs (an OpenAI-compatible server applies its own template). The trainer must
+    encode its prompts the same way (``run_training(chat_template=...)``).
+    """
+    if style != "instruct" or model_path.startswith(("http://", "https://")):
+        return False
+    import json
+    from pathlib import Path
+
+    directory = Path(model_path)
+    if (directory / "chat_template.jinja").is_file() or (directory / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("chat_template"))
+
+
 def _header(base: str, instructions: str, style: str) -> str:
     if style == "compact":
         return base
@@ -67,12 +109,18 @@ def solver_prompt(problem: str, style: str = "compact") -> str:
 
 
 def critic_prompt(problem: str, solution: str, reference: str | None = None, style: str = "compact") -> str:
-    """Contrastive prompt when a reference is given, direct prompt otherwise."""
+    """Contrastive prompt when a reference is given, direct prompt otherwise.
+
+    The instruct style adds :data:`INSTRUCT_CRITIQUE_TRAILER` (a worked example of the format and a
+    closing instruction) right before ``Critique:``.
+    """
+    trailer = INSTRUCT_CRITIQUE_TRAILER if style == "instruct" else ""
     if reference is None:
         head = _header(DIRECT_HEADER, FORMAT_INSTRUCTIONS, style)
-        return f"{head}\nProblem: {problem}\nStudent:\n{solution}\n{CRITIQUE_START}"
+        return f"{head}\nProblem: {problem}\nStudent:\n{solution}\n{trailer}{CRITIQUE_START}"
     head = _header(CONTRASTIVE_HEADER, FORMAT_INSTRUCTIONS, style)
-    return f"{head}\nProblem: {problem}\nReference:\n{reference}\nStudent:\n{solution}\n{CRITIQUE_START}"
+    return (f"{head}\nProblem: {problem}\nReference:\n{reference}\nStudent:\n{solution}\n"
+            f"{trailer}{CRITIQUE_START}")
 
 
 CORRECTOR_HEADER = "Correct the student solution using the critique."

@@ -93,7 +93,7 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_shipped_configs_exist() -> None:
     names = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert {"default.yaml", "tiny-test.yaml"} <= names
+    assert {"default.yaml", "tiny-test.yaml", "gsm8k-smollm2.yaml", "cluster-7b.yaml"} <= names
 
 
 def test_default_yaml_matches_default_config() -> None:

@@ -11,6 +11,7 @@ from scrit.prompts import (
     CONTRASTIVE_HEADER,
     DIRECT_HEADER,
     FORMAT_INSTRUCTIONS,
+    INSTRUCT_CRITIQUE_TRAILER,
     SOLVER_FORMAT_INSTRUCTIONS,
     SOLVER_HEADER,
     critic_prompt,
@@ -63,7 +64,8 @@ def test_contrastive_prompt(style):
         assert f"\nReference:\n{reference}\n" in prompt
         assert f"\nStudent:\n{student}\n" in prompt
         assert prompt.index("Reference:") < prompt.index(reference) < prompt.index("Student:")
-        assert prompt.endswith(f"{student}\nCritique:\n")
+        trailer = INSTRUCT_CRITIQUE_TRAILER if style == "instruct" else ""
+        assert prompt.endswith(f"{student}\n{trailer}Critique:\n")
         assert (FORMAT_INSTRUCTIONS in prompt) == (style == "instruct")
 
 
@@ -77,7 +79,8 @@ def test_direct_prompt_never_mentions_a_reference(style):
         assert "Reference" not in prompt and "reference" not in prompt
         if reference not in student:
             assert reference not in prompt
-        assert prompt.endswith(f"{student}\nCritique:\n")
+        trailer = INSTRUCT_CRITIQUE_TRAILER if style == "instruct" else ""
+        assert prompt.endswith(f"{student}\n{trailer}Critique:\n")
         assert (FORMAT_INSTRUCTIONS in prompt) == (style == "instruct")
         assert prompt != critic_prompt(problem, student, reference, style=style)
 
@@ -100,6 +103,16 @@ def test_instruct_style_spells_out_the_format():
     assert critic_prompt("P", "S", style="instruct").startswith(f"{DIRECT_HEADER} {FORMAT_INSTRUCTIONS}\n")
     assert critic_prompt("P", "S", "R", style="instruct").startswith(f"{CONTRASTIVE_HEADER} {FORMAT_INSTRUCTIONS}\n")
     assert solver_prompt("P", style="instruct").startswith(f"{SOLVER_HEADER} {SOLVER_FORMAT_INSTRUCTIONS}\n")
+
+
+def test_instruct_critique_prompt_ends_with_an_example_and_a_reminder():
+    # Small instruct models (SmolLM2-135M) only write the format with an example near the end.
+    for reference in (None, "R"):
+        prompt = critic_prompt("P", "S", reference, style="instruct")
+        assert prompt.endswith(f"\nS\n{INSTRUCT_CRITIQUE_TRAILER}Critique:\n")
+        assert "Conclusion: incorrect, first wrong step 2" in INSTRUCT_CRITIQUE_TRAILER
+        assert "reference" not in INSTRUCT_CRITIQUE_TRAILER.lower()  # direct prompts never mention one
+        assert INSTRUCT_CRITIQUE_TRAILER not in critic_prompt("P", "S", reference, style="compact")
 
 
 @pytest.mark.parametrize("style", ["", "Compact", "chat", None])

