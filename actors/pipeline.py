@@ -25,6 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from scrit import telemetry
 from scrit.config import ScritConfig, config_to_dict, dump_yaml
 from scrit.messages import Problem
 
@@ -99,6 +102,7 @@ class MetricsLog:
         event = {"kind": kind, "t": round(time.time() - self.started, 2), **fields}
         with self.lock, open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(event) + "\n")
+        telemetry.record_event(event)  # Prometheus: pipeline counters, pass rate, eval scores
         return event
 
 
@@ -106,18 +110,24 @@ class Evaluator:
     """Scores critic versions on held-out items (direct mode: no reference), off the main loop."""
 
     def __init__(self, model: str, items_spec: dict[str, Any], style: str, batch_size: int,
-                 max_new_tokens: int, torch_threads: int = 1) -> None:
+                 max_new_tokens: int, torch_threads: int = 1, backend_options: dict[str, Any] | None = None) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
         from scrit.backends import make_backend
         from scrit.evaluate import build_arith_evalset
 
-        self.backend = make_backend(model)
+        self.backend = make_backend(model, **(backend_options or {}))
         self.items = build_arith_evalset(n=items_spec["n"], seed=items_spec["seed"])
         self.style = style
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+
+    def metrics_url(self, run: str) -> str:
+        """Start this actor's Prometheus exporter; generations count under role ``evaluator``."""
+        if not isinstance(self.backend, telemetry.MeteredBackend):
+            self.backend = telemetry.MeteredBackend(self.backend, "evaluator")
+        return telemetry.start_exporter(run=run)
 
     def evaluate_version(self, version: int, uri: str) -> dict[str, Any]:
         from scrit.evaluate import evaluate
@@ -145,7 +155,7 @@ class SelfPlayRun:
         self.evals: dict[int, dict[str, Any]] = {}
         self.pending_evals: dict[Any, int] = {}
         self.counts = {"problems": 0, "solutions": 0, "solutions_correct": 0, "critiques": 0,
-                       "parsed": 0, "validated": 0, "kept": 0}
+                       "parsed": 0, "consistent": 0, "validated": 0, "kept": 0}
 
     # ----------------------------------------------------------------------------------- set-up
     def _start_actors(self) -> None:
@@ -154,15 +164,19 @@ class SelfPlayRun:
         from scrit.actors.registry import weight_registry_actor
         from scrit.actors.replay_buffer import replay_buffer_actor
         from scrit.actors.shells import critic_actor, solver_actor
-        from scrit.backends import resolve_model_path
-        from scrit.prompts import resolve_prompt_style
+        from scrit.backends import resolve_model_path, role_backend
+        from scrit.prompts import resolve_prompt_style, use_chat_template
 
         cfg, res = self.cfg, self.cfg.resources
         self.seed_uri = resolve_model_path(cfg.critic.model)
         self.style = resolve_prompt_style(self.seed_uri, cfg.critic.prompt_style)
+        # Instruct models get their chat template, in generation and (same flag) in training.
+        self.chat_template = use_chat_template(self.seed_uri, self.style)
         actor = {"num_cpus": res.actor_num_cpus, "num_gpus": res.actor_num_gpus}
-        backend_options = {"device": cfg.critic.device, "dtype": cfg.critic.dtype,
-                           "batch_size": cfg.critic.batch_size}
+        vllm_options = msgspec.structs.asdict(cfg.vllm)
+        critic_spec, backend_options = role_backend(
+            self.seed_uri, cfg.critic.backend, device=cfg.critic.device, dtype=cfg.critic.dtype,
+            batch_size=cfg.critic.batch_size, use_chat_template=self.chat_template, vllm_options=vllm_options)
         self.registry = weight_registry_actor(self.run_dir, self.seed_uri, num_cpus=0.05, name=REGISTRY_NAME)
         self.buffer = replay_buffer_actor(
             num_cpus=0.05, actor_options={"name": BUFFER_NAME},
@@ -171,7 +185,7 @@ class SelfPlayRun:
         )
         critic_sampling = {"max_new_tokens": cfg.critic.max_new_tokens, "temperature": cfg.critic.temperature}
         self.critic = critic_actor(
-            self.seed_uri, **actor, domain=cfg.domain.name, style=self.style, backend_options=backend_options,
+            critic_spec, **actor, domain=cfg.domain.name, style=self.style, backend_options=backend_options,
             sampling=critic_sampling, correction_sampling=critic_sampling, validation_sampling=critic_sampling,
             require_answer_match=cfg.validator.require_answer_match, registry=self.registry, follow_registry=True,
         )
@@ -179,28 +193,88 @@ class SelfPlayRun:
         if cfg.corrector.model:
             from scrit.actors.shells import corrector_actor
 
+            corrector_model = resolve_model_path(cfg.corrector.model)
+            corrector_spec, corrector_options = role_backend(
+                corrector_model, cfg.corrector.backend, batch_size=cfg.critic.batch_size,
+                use_chat_template=use_chat_template(corrector_model, self.style), vllm_options=vllm_options)
             self.corrector = corrector_actor(
-                resolve_model_path(cfg.corrector.model), **actor, domain=cfg.domain.name, style=self.style,
+                corrector_spec, **actor, domain=cfg.domain.name, style=self.style, backend_options=corrector_options,
                 sampling={"max_new_tokens": cfg.corrector.max_new_tokens, "temperature": 0.0},
             )
         self.solvers = []
         for index, spec in enumerate(cfg.solvers):
             model = resolve_model_path(spec.model)
+            solver_style = resolve_prompt_style(model, cfg.critic.prompt_style)
+            solver_spec, solver_options = role_backend(
+                model, spec.backend, device=spec.device, dtype=spec.dtype, batch_size=cfg.critic.batch_size,
+                use_chat_template=use_chat_template(model, solver_style), vllm_options=vllm_options)
             self.solvers.append(solver_actor(
-                model, **actor, domain=cfg.domain.name, name=f"solver{index}",
-                samples_per_problem=spec.samples_per_problem,
-                style=resolve_prompt_style(model, cfg.critic.prompt_style),
-                backend_options={"device": spec.device, "dtype": spec.dtype, "batch_size": cfg.critic.batch_size},
+                solver_spec, **actor, domain=cfg.domain.name, name=f"solver{index}",
+                samples_per_problem=spec.samples_per_problem, style=solver_style, backend_options=solver_options,
                 sampling={"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature,
                           "seed": cfg.run.seed * 1000 + index},
             ))
         self.evaluator = None
         if cfg.run.heldout_eval_items > 0 and cfg.domain.name == "arith":
             remote = ray.remote(Evaluator).options(num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus)
-            self.evaluator = remote.remote(self.seed_uri, {"n": cfg.run.heldout_eval_items,
-                                                           "seed": cfg.domain.heldout_seed},
-                                           self.style, cfg.critic.batch_size, cfg.critic.max_new_tokens)
+            self.evaluator = remote.remote(critic_spec, {"n": cfg.run.heldout_eval_items,
+                                                         "seed": cfg.domain.heldout_seed},
+                                           self.style, cfg.critic.batch_size, cfg.critic.max_new_tokens,
+                                           backend_options=backend_options)
         ray.get([self.critic.ready.remote(), *[s.ready.remote() for s in self.solvers]])
+
+    def _start_metrics(self) -> None:
+        """Prometheus (``metrics.enabled``): the driver's exporter on ``metrics.port``, one exporter per
+        actor process on a free port, all listed in ``RUN_DIR/prometheus_targets.json`` (file_sd)."""
+        self.metrics_targets: dict[str, str] = {}
+        if not self.cfg.metrics.enabled:
+            return
+        import ray
+
+        run = self.cfg.run.name
+        targets = {"driver": telemetry.start_exporter(port=self.cfg.metrics.port, run=run)}
+        actors = {"critic": self.critic, "corrector": self.corrector, "buffer": self.buffer,
+                  "evaluator": self.evaluator, **{f"solver{i}": s for i, s in enumerate(self.solvers)}}
+        names = [name for name, actor in actors.items() if actor is not None]
+        targets.update(zip(names, ray.get([actors[name].metrics_url.remote(run) for name in names])))
+        self.metrics_lock = threading.Lock()
+        self._write_metrics_targets(targets)
+        threading.Thread(target=self._watch_metrics_targets, name="scrit-metrics-targets", daemon=True).start()
+
+    def _watch_metrics_targets(self, poll_s: float = 1.0) -> None:
+        """Until the trainer is done: pick up exporters that registered with the registry actor (the
+        trainer's rank 0) within a second, not only between pipeline passes (which can take minutes)."""
+        import ray
+
+        while not self.trainer_done.wait(poll_s):
+            try:
+                if not ray.is_initialized():
+                    return
+                self._refresh_metrics_targets(None)
+            except Exception:  # noqa: BLE001 - metrics must never stop the run; the loop refreshes too
+                return
+
+    def _refresh_metrics_targets(self, latest_version: int | None) -> None:
+        """Add exporters that registered with the registry actor (the trainer's rank 0) to the targets."""
+        if not getattr(self, "metrics_targets", None):
+            return
+        import ray
+
+        if latest_version is not None:
+            telemetry.set_version("published", latest_version)
+        registered = ray.get(self.registry.metrics_targets.remote(), timeout=30)
+        with self.metrics_lock:
+            if any(self.metrics_targets.get(name) != url for name, url in registered.items()):
+                self._write_metrics_targets({**self.metrics_targets, **registered})
+
+    def _write_metrics_targets(self, targets: dict[str, str]) -> None:
+        import sys
+
+        path = telemetry.write_targets(self.run_dir / telemetry.TARGETS_FILE, targets)
+        new = {name: url for name, url in targets.items() if self.metrics_targets.get(name) != url}
+        self.metrics_targets = dict(targets)
+        print(f"metrics ({path}): " + "  ".join(f"{name} {url}" for name, url in sorted(new.items())),
+              file=sys.stderr, flush=True)
 
     def _start_trainer(self, start_version: int) -> threading.Thread:
         from scrit.train.trainer import run_training
@@ -208,7 +282,7 @@ class SelfPlayRun:
         def target() -> None:
             try:
                 run_training(self.cfg, self.run_dir, BUFFER_NAME, REGISTRY_NAME, start_version,
-                             namespace=self.namespace)
+                             namespace=self.namespace, chat_template=self.chat_template)
             except BaseException as error:  # surfaced by the producer loop
                 self.trainer_error = error
             finally:
@@ -267,7 +341,8 @@ class SelfPlayRun:
 
         from scrit.actors.shells import pack, unpack
         from scrit.selfplay import (complete_critique, corrected_solution, get_domain, make_requests,
-                                    reference_solution, select_for_critique, training_example)
+                                    reference_solution, select_for_critique, training_example,
+                                    verdict_matches_label)
 
         cfg = self.cfg
         domain = get_domain(cfg.domain.name)
@@ -287,7 +362,7 @@ class SelfPlayRun:
                     for r in make_requests(by_id[pid], sols, self.rng, cfg.critic.mode, domain)]
         counts = {"problems": len(problems), "solutions": len(all_solutions),
                   "solutions_correct": sum(s.correct for s in all_solutions),
-                  "critiques": len(requests), "parsed": 0, "validated": 0, "kept": 0}
+                  "critiques": len(requests), "parsed": 0, "consistent": 0, "validated": 0, "kept": 0}
         if not requests:
             return counts
         if self.corrector is None:
@@ -303,6 +378,9 @@ class SelfPlayRun:
                 continue
             candidates.append((request, full, corrected_solution(domain, request.solution, full)))
         counts["parsed"] = len(candidates)
+        if cfg.validator.require_verdict_match:
+            candidates = [c for c in candidates if verdict_matches_label(c[1], c[0].solution)]
+        counts["consistent"] = len(candidates)
         if not candidates:
             return counts
         if cfg.validator.enabled:
@@ -335,6 +413,7 @@ class SelfPlayRun:
         interrupted = False
         try:
             self._start_actors()
+            self._start_metrics()
             latest = ray.get(self.registry.latest.remote())
             if self.resume:
                 self._load_previous_evals()
@@ -356,6 +435,7 @@ class SelfPlayRun:
         deadline = self.started + cfg.run.max_wall_seconds
         while True:
             latest = ray.get(self.registry.latest.remote())
+            self._refresh_metrics_targets(latest.version)
             self._schedule_evals(latest.version)
             self._collect_evals()
             if latest.version >= cfg.run.versions:
@@ -376,7 +456,7 @@ class SelfPlayRun:
             stats = ray.get(self.buffer.stats.remote())
             event = self.metrics.write(
                 "batch", **counts,
-                pass_rate=(counts["validated"] / counts["parsed"]) if counts["parsed"] else None,
+                pass_rate=(counts["validated"] / counts["consistent"]) if counts["consistent"] else None,
                 buffer_size=stats["size"], buffer_balance=stats["balance"],
                 staleness_mean=stats["staleness_mean"], latest_version=latest.version,
             )
@@ -416,6 +496,7 @@ class SelfPlayRun:
             "resumed": self.resume,
             "validator_enabled": self.cfg.validator.enabled,
             "require_answer_match": self.cfg.validator.require_answer_match,
+            "require_verdict_match": self.cfg.validator.require_verdict_match,
             "counts": self.counts,
             "train": train_events,
             "evals": [self.evals[v] for v in sorted(self.evals)],

@@ -46,6 +46,7 @@ __all__ = [
     "reference_solution",
     "select_for_critique",
     "training_example",
+    "verdict_matches_label",
 ]
 
 Mode = Literal["contrastive", "direct", "bug_injection"]
@@ -223,6 +224,20 @@ def complete_critique(critique: Critique, correction: Correction) -> Critique:
         # of the last step line or the conclusion.
         head = head.rstrip("\n") + ("\n" if head.strip() else "") + CORRECTION_MARKER
     return critique_from_text(critique.problem_id, critique.mode, head + correction.text, critique.version)
+
+
+def verdict_matches_label(critique: Critique, student: Solution) -> bool:
+    """Whether the critique's conclusion agrees with the student's final-answer label.
+
+    A critique calling a solution with the right final answer "incorrect" (or a wrong one "correct")
+    contradicts the one supervision signal the loop has, so it is not worth validating or training on.
+    This uses the final answer only, as the integrity rule allows; it says nothing about *which* step
+    is wrong.
+    """
+    if not critique.parsed:
+        return False
+    judged = critique.judged_correct if critique.judged_correct is not None else critique.first_error_step == -1
+    return bool(judged) == bool(student.correct)
 
 
 def corrected_solution(domain: Domain, student: Solution, critique: Critique) -> str:

@@ -21,6 +21,7 @@ from scrit.selfplay import (
     make_requests,
     select_for_critique,
     training_example,
+    verdict_matches_label,
 )
 
 ARITH = ArithDomain()
@@ -166,6 +167,17 @@ def test_corrected_solution_judged_correct_and_unparseable() -> None:
     assert not junk.parsed
     with pytest.raises(ValueError):
         corrected_solution(ARITH, student, junk)
+
+
+def test_verdict_must_agree_with_the_final_answer_label() -> None:
+    says_correct = critique_from_text("p1", "contrastive", "Step 1: a: correct\nStep 2: b: correct\nStep 3: c: correct\n"
+                                      "Conclusion: correct, no wrong step\nCorrection: none needed", 0)
+    says_wrong = critique_from_text("p1", "contrastive", HEAD, 0)
+    assert says_correct.parsed and says_wrong.parsed
+    assert verdict_matches_label(says_correct, sol(GOOD)) and verdict_matches_label(says_wrong, sol(BAD))
+    assert not verdict_matches_label(says_wrong, sol(GOOD))  # "incorrect" for a right final answer
+    assert not verdict_matches_label(says_correct, sol(BAD))  # "correct" for a wrong final answer
+    assert not verdict_matches_label(critique_from_text("p1", "contrastive", "qwerty", 0), sol(GOOD))
 
 
 def test_complete_critique_inserts_missing_marker() -> None:
