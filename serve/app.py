@@ -1,0 +1,485 @@
+"""The critic endpoint: a Ray Serve application with a FastAPI ingress (DESIGN.md §9).
+
+Routes (every response carries ``x-critic-version``, the version that produced it, and
+``x-critic-replica``, the replica that answered; ``x-critic-version-since`` is when that replica
+started serving the version):
+
+* ``POST /v1/critique``: ``{"problem", "solution"}`` or ``{"problem", "steps": [...]}``, optional
+  ``"reference"`` (contrastive mode) -> verdicts, first wrong step (0-based, -1 = none), correction,
+  answer, the critique text and ``critic_version``;
+* ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream: true`` gives server-sent events) and
+  ``GET /v1/models``;
+* ``GET /healthz``: the replica's version, swap counters; never needs the API key.
+
+Requests are batched into the model with ``@serve.batch`` (``serve.max_batch_size``,
+``serve.batch_wait_timeout_s``), so concurrent clients share forward passes. Hot swap is in
+``serve/service.py``: replicas follow the run's registry file and switch between batches.
+
+Entry points: ``start_critic_endpoint`` / ``stop_critic_endpoint`` (Ray already initialised; the
+``scrit run`` driver and ``scrit serve`` use them).
+"""
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scrit.backends.base import Generation, SamplingParams
+from scrit.serve.schema import (
+    CRITIQUE_STOPS,
+    ApiError,
+    ChatBody,
+    CritiqueBody,
+    Limits,
+    chat_chunks,
+    chat_completion,
+    chat_prompt,
+    chat_sampling,
+    critique_input,
+    critique_result,
+    decode_body,
+    error_body,
+)
+from scrit.serve.service import ROLE, CriticService, ServeSettings, telemetry
+
+__all__ = [
+    "APP_NAME",
+    "CriticServer",
+    "build_settings",
+    "critic_app",
+    "start_critic_endpoint",
+    "stop_critic_endpoint",
+    "wait_until_healthy",
+]
+
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "scrit-critic"
+MODEL_NAME = "scrit-critic"
+VERSION_HEADER = "x-critic-version"
+REPLICA_HEADER = "x-critic-replica"
+SINCE_HEADER = "x-critic-version-since"
+OPEN_PATHS = frozenset({"/healthz"})  # answered without the API key (liveness probes carry no secrets)
+ROUTES = frozenset({"/healthz", "/v1/models", "/v1/critique", "/v1/chat/completions"})  # metric labels
+
+app = FastAPI(title="scrit critic", description="The evolving SCRIT critic (DESIGN.md §9).", version="1")
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind, param), status_code=status, headers=headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    return _error(error.status, error.message, error.kind, error.param)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return _error(error.status_code, str(error.detail), kind, headers=getattr(error, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    return _error(400, f"invalid request: {error.errors()}")
+
+
+class _AuthAndHeaders:
+    """Pure ASGI middleware: the API key check (401) and the version/replica headers on every response.
+
+    A route that generated text sets ``x-critic-version`` itself (the version of the batch that
+    produced it); any other response, errors included, gets the replica's active version.
+    """
+
+    def __init__(self, asgi_app: Any) -> None:
+        self.app = asgi_app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        server = _server()
+        if server is None:  # not inside a replica (cannot happen under Serve)
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        defaults = server.headers(server.service.active.version)
+        status = [500]
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k.encode(), v.encode()) for k, v in defaults.items() if k.encode() not in present]
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        try:
+            if path not in OPEN_PATHS and not server.authorized(scope):
+                response = _error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                  "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send_with_headers)
+                return
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            metrics = telemetry(server.settings)
+            if metrics is not None:
+                metrics.observe_request(path if path in ROUTES else "other", status[0], time.perf_counter() - started)
+
+
+app.add_middleware(_AuthAndHeaders)
+
+
+def _server() -> "CriticServer | None":
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # noqa: BLE001 - outside a replica
+        return None
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@serve.deployment(name="CriticServer")
+@serve.ingress(app)
+class CriticServer:
+    """One replica: a ``CriticService`` (active model + registry follower) behind the FastAPI routes."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, settings.torch_threads))
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+        self.settings = settings
+        self.limits = settings.limits
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (tests of the class itself)
+            self.replica_id = f"local-{os.getpid()}"
+        self.targets_file = self._start_metrics()
+        self.service = CriticService(settings)
+        self.critique_sampling = SamplingParams(max_new_tokens=settings.critique_max_new_tokens, temperature=0.0,
+                                                stop=CRITIQUE_STOPS)
+        self._generate_batch.set_max_batch_size(settings.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        log.info("critic replica %s serving version %d from %s", self.replica_id, self.service.active.version,
+                 self.service.active.uri)
+
+    def _start_metrics(self) -> Path | None:
+        """This replica's Prometheus exporter (``scrit.telemetry``, role ``serve``), when metrics are on.
+
+        When following a run, the exporter is listed in ``RUN_DIR/prometheus_targets-serve-REPLICA.json``
+        beside the driver's targets file, so the run's Prometheus config scrapes it too.
+        """
+        if self.settings.metrics_run is None:
+            return None
+        try:
+            from scrit import telemetry as metrics
+
+            url = metrics.start_exporter(run=self.settings.metrics_run)
+            if self.settings.follow_run_dir is None:
+                return None
+            path = Path(self.settings.follow_run_dir) / f"prometheus_targets-serve-{self.replica_id}.json"
+            metrics.write_targets(path, {f"{ROLE}-{self.replica_id}": url})
+            return path
+        except Exception as error:  # noqa: BLE001 - serving never depends on metrics
+            log.warning("no metrics exporter for this replica: %s", error)
+            return None
+
+    def __del__(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close()
+        targets = getattr(self, "targets_file", None)
+        if targets is not None:
+            targets.unlink(missing_ok=True)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the replica is unhealthy only if it has no model."""
+        if self.service.active is None:
+            raise RuntimeError("no active critic model")
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def headers(self, version: int) -> dict[str, str]:
+        since = self.service.since(version)
+        out = {VERSION_HEADER: str(version), REPLICA_HEADER: self.replica_id}
+        if since is not None:
+            out[SINCE_HEADER] = f"{since:.6f}"
+        return out
+
+    def authorized(self, scope: dict) -> bool:
+        expected = self.settings.api_key_sha256
+        if expected is None:
+            return True
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(_sha256(token.strip()), expected)
+        return False
+
+    async def _read(self, request: Request) -> bytes:
+        limit = 8 * self.limits.max_prompt_chars + 65536  # generous: JSON escapes, UTF-8
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body too large: {length} bytes (at most {limit})")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise ApiError(413, f"request body too large: {len(raw)} bytes (at most {limit})")
+        return raw
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this endpoint serves {self.settings.model_name!r}",
+                           "not_found_error", param="model")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, items: list[tuple[str, SamplingParams]]) -> list[Generation | Exception]:
+        return await self.service.generate_batch(items)
+
+    async def _generate(self, prompt: str, sampling: SamplingParams) -> Generation:
+        result = await self._generate_batch((prompt, sampling))
+        if isinstance(result, Exception):
+            raise ApiError(500, f"generation failed: {type(result).__name__}: {result}", "server_error")
+        return result
+
+    # ------------------------------------------------------------------------------- routes
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "replica": self.replica_id, "model": self.settings.model_name,
+                             **self.service.health()})
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        active = self.service.active
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.settings.model_name, "object": "model", "created": int(active.since), "owned_by": "scrit",
+            "critic_version": active.version,
+        }]})
+
+    @app.post("/v1/critique")
+    async def critique(self, request: Request) -> JSONResponse:
+        from scrit.prompts import critic_prompt
+
+        body = decode_body(await self._read(request), CritiqueBody)
+        self._check_model(body.model)
+        problem, solution, reference = critique_input(body, self.limits)
+        prompt = critic_prompt(problem, solution, reference, self.settings.prompt_style)
+        generation = await self._generate(prompt, self.critique_sampling)
+        text = generation.text
+        for marker in CRITIQUE_STOPS:  # a stop marker is the start of something else, not critique
+            if text.endswith(marker):
+                text = text[: -len(marker)]
+        result = critique_result(text.rstrip(), generation, "contrastive" if reference is not None else "direct")
+        return JSONResponse(result, headers=self.headers(generation.version))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        body = decode_body(await self._read(request), ChatBody)
+        self._check_model(body.model)
+        prompt = chat_prompt(body, self.limits)
+        sampling = chat_sampling(body, self.limits)
+        generation = await self._generate(prompt, sampling)
+        headers = self.headers(generation.version)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(chat_chunks(generation, sampling, self.settings.model_name, include_usage),
+                                     media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        return JSONResponse(chat_completion(generation, sampling, self.settings.model_name), headers=headers)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _published_version_of(model_uri: str) -> int | None:
+    """The version number of ``model_uri`` when it is a published checkpoint of some run
+    (``RUN/versions/vNNNN`` listed in ``RUN/versions/registry.jsonl``), else None."""
+    from scrit.serve.follow import RegistryTail
+
+    path = Path(model_uri)
+    if not path.is_dir() or path.parent.name != "versions":
+        return None
+    target = path.resolve()
+    for version in RegistryTail(path.parent.parent).poll():
+        if Path(version.uri).resolve() == target:
+            return version.version
+    return None
+
+
+def build_settings(cfg: Any, model_uri: str | None = None, follow_run_dir: str | os.PathLike[str] | None = None,
+                   *, api_key: str | None = None, start_version: int | None = None,
+                   poll_s: float = 0.2) -> ServeSettings:
+    """Replica settings from a ``ScritConfig``.
+
+    ``model_uri`` (a spec: ``seed``, a checkpoint directory) is what is served until a newer version
+    is published; it defaults to ``critic.model``, or with ``follow_run_dir`` to the model the run
+    started from. Its version number is ``start_version``, else the number it was published under
+    (for ``RUN/versions/vNNNN``), else 0. The API key is ``api_key``, else ``serve.api_key``, else
+    ``$SCRIT_API_KEY``; replicas get only its sha256.
+    """
+    import msgspec
+
+    from scrit.backends import resolve_model_path, role_backend
+    from scrit.prompts import resolve_prompt_style, use_chat_template
+    from scrit.serve.follow import run_seed_model
+
+    follow = str(Path(follow_run_dir).resolve()) if follow_run_dir is not None else None
+    spec = model_uri or (run_seed_model(follow) if follow else cfg.critic.model)
+    resolved = resolve_model_path(spec)
+    if not resolved.startswith(("http://", "https://")) and Path(resolved).exists():
+        resolved = str(Path(resolved).resolve())
+    if start_version is None:
+        start_version = _published_version_of(resolved) or 0
+    key = api_key or cfg.serve.resolved_api_key()
+    style = resolve_prompt_style(resolved, cfg.critic.prompt_style)
+    # The critic role's backend, exactly as the run builds it (hf / vllm / http, chat template).
+    backend_spec, options = role_backend(
+        resolved, cfg.critic.backend, device=cfg.critic.device, dtype=cfg.critic.dtype,
+        batch_size=max(cfg.critic.batch_size, cfg.serve.max_batch_size),
+        use_chat_template=use_chat_template(resolved, style), vllm_options=msgspec.structs.asdict(cfg.vllm))
+    return ServeSettings(
+        model_uri=resolved,
+        backend="vllm" if backend_spec.startswith("vllm:") else "hf",
+        start_version=int(start_version),
+        follow_run_dir=follow,
+        poll_s=poll_s,
+        model_name=MODEL_NAME,
+        prompt_style=style,
+        backend_options=options,
+        critique_max_new_tokens=cfg.critic.max_new_tokens,
+        limits=Limits.from_config(cfg.serve, cfg.critic.max_new_tokens),
+        api_key_sha256=_sha256(key) if key else None,
+        max_batch_size=cfg.serve.max_batch_size,
+        batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
+        torch_threads=max(1, int(cfg.resources.serve_replica_num_cpus)),
+        metrics_run=cfg.run.name if cfg.metrics.enabled else None,
+    )
+
+
+def critic_app(settings: ServeSettings, *, replicas: int = 1, num_cpus: float = 0.25, num_gpus: float = 0.0,
+               max_ongoing_requests: int | None = None) -> Any:
+    """The bound Serve application (not yet running)."""
+    ongoing = max_ongoing_requests or max(64, 4 * settings.max_batch_size)
+    return CriticServer.options(
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=ongoing,
+        graceful_shutdown_timeout_s=10,
+        graceful_shutdown_wait_loop_s=0.5,
+    ).bind(settings)
+
+
+def wait_until_healthy(url: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll ``url/healthz`` until it answers 200; returns its JSON. TimeoutError otherwise."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    problem = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=5.0)
+            if response.status_code == 200:
+                return response.json()
+            problem = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as error:
+            problem = f"{type(error).__name__}: {error}"
+        time.sleep(0.25)
+    raise TimeoutError(f"{url}/healthz did not become healthy in {timeout:.0f}s ({problem})")
+
+
+def start_critic_endpoint(cfg: Any, model_uri: str | None = None,
+                          follow_run_dir: str | os.PathLike[str] | None = None, *, host: str | None = None,
+                          port: int | None = None, replicas: int | None = None, api_key: str | None = None,
+                          app_name: str = APP_NAME, route_prefix: str = "/", start_version: int | None = None,
+                          poll_s: float = 0.2, ready_timeout_s: float = 180.0) -> str:
+    """Deploy the critic endpoint on the running Ray cluster; returns its base URL once it answers.
+
+    Ray must already be initialised. ``cfg`` is a ``ScritConfig``: ``serve.*`` gives host, port,
+    limits, batching and the API key, ``resources.serve_replicas`` / ``serve_replica_num_cpus`` /
+    ``serve_replica_num_gpus`` size the replicas, ``critic.*`` the backend and generation length.
+    Keyword arguments override the config. With ``follow_run_dir`` every replica follows that run's
+    ``versions/registry.jsonl`` (a running or finished run) and hot-swaps to each new version; it
+    starts on the newest published version that loads. Serve's HTTP options are cluster-wide: if
+    Serve is already running on another host/port, that one is kept, and this raises when the URL
+    does not answer.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("start_critic_endpoint needs Ray to be initialised (ray.init) first")
+    settings = build_settings(cfg, model_uri, follow_run_dir, api_key=api_key, start_version=start_version,
+                              poll_s=poll_s)
+    host = host or cfg.serve.host
+    port = int(port if port is not None else cfg.serve.port)
+    serve.start(http_options={"host": host, "port": port})
+    application = critic_app(settings, replicas=replicas or cfg.resources.serve_replicas,
+                             num_cpus=cfg.resources.serve_replica_num_cpus,
+                             num_gpus=cfg.resources.serve_replica_num_gpus)
+    prefix = "/" + route_prefix.strip("/") if route_prefix.strip("/") else "/"
+    serve.run(application, name=app_name, route_prefix=prefix, blocking=False)
+    host, port = _serving_address(host, port)
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{probe_host}:{port}{'' if prefix == '/' else prefix}"
+    health = wait_until_healthy(url, ready_timeout_s)
+    log.info("critic endpoint %s up at %s (version %s)", app_name, url, health.get("critic_version"))
+    return url
+
+
+def _serving_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's proxy really listens: ``serve.start`` keeps the HTTP options of a Serve instance
+    that was already running, so an endpoint deployed there answers on that instance's host and port."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        options = _get_global_client().http_config  # private API: fall back to what was asked for
+        actual_host, actual_port = str(options.host), int(options.port)
+    except Exception:  # noqa: BLE001
+        return host, port
+    if (actual_host, actual_port) != (host, port):
+        log.warning("Serve was already running on %s:%d; the critic endpoint is served there, not on %s:%d",
+                    actual_host, actual_port, host, port)
+    return actual_host, actual_port
+
+
+def stop_critic_endpoint(app_name: str = APP_NAME, shutdown_serve: bool = True) -> None:
+    """Delete the endpoint's application (replicas finish in-flight requests first, up to 10 s); with
+    ``shutdown_serve`` also stop Serve itself (proxy and controller) when no other application is left.
+    Ray keeps running. Safe to call when nothing is deployed."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete(app_name)
+    except Exception as error:  # noqa: BLE001 - nothing deployed, or Serve already gone
+        log.debug("serve.delete(%s): %s", app_name, error)
+    if shutdown_serve:
+        try:
+            remaining = serve.status().applications
+        except Exception:  # noqa: BLE001
+            remaining = {}
+        if not remaining:
+            serve.shutdown()
