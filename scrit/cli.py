@@ -20,12 +20,15 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _open_backend(spec: str, batch_size: int, device: str):
-    from scrit.backends import make_backend
+def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto"):
+    """The backend for ``--model``; instruct models get their chat template, as in ``scrit run``."""
+    from scrit.backends import make_backend, resolve_model_path, role_backend
+    from scrit.prompts import resolve_prompt_style, use_chat_template
 
-    if spec.startswith(("http://", "https://")):
-        return make_backend(spec, concurrency=batch_size)
-    return make_backend(spec, batch_size=batch_size, device=device)
+    path = resolve_model_path(spec)
+    chat = use_chat_template(path, resolve_prompt_style(path, style))
+    spec, options = role_backend(path, "hf", device=device, batch_size=batch_size, use_chat_template=chat)
+    return make_backend(spec, **options)
 
 
 @app.command("eval")
@@ -52,7 +55,7 @@ def eval_command(
         items = load_bench(bench, data, split, limit)
         if not items:
             _fail("no evaluation items selected")
-        backend = _open_backend(model, batch_size, device)
+        backend = _open_backend(model, batch_size, device, prompt_style)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         _fail(str(error))
     from rich.console import Console
@@ -123,12 +126,14 @@ def run_command(
     overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set train.lr=1e-4"),
     run_dir: Optional[Path] = typer.Option(None, help="run directory (default: run.run_dir from the config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last published version and the buffer"),
+    keep_serving: bool = typer.Option(False, "--keep-serving",
+                                      help="keep the critic endpoint up after the run ends, until Ctrl-C"),
 ) -> None:
     """Run the self-play loop: solvers, critic, validator, replay buffer, Ray Train, hot swap."""
     from scrit.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, [*overrides, *(["run.keep_serving=true"] if keep_serving else [])])
     except ConfigError as error:
         _fail(str(error))
     from rich.console import Console
@@ -147,6 +152,13 @@ def run_command(
             console.print(f"[{event['t']:7.1f}s] critic v{event['latest_version']}  solved "
                           f"{event['solutions_correct']}/{event['solutions']}  critiques {event['critiques']}  "
                           f"parsed {event['parsed']}  kept {event['kept']} (pass {rate})  buffer {event['buffer_size']}")
+        elif event["kind"] == "endpoint":
+            console.print(f"[bold]critic endpoint[/] {event['url']}  (POST /v1/critique, /v1/chat/completions; "
+                          "it follows every new version)")
+        elif event["kind"] == "endpoint_error":
+            console.print(f"[bold red]critic endpoint not started[/]: {event['error']} (the run goes on)")
+        elif event["kind"] == "serving":
+            console.print(f"run finished; still serving the final critic at {event['url']} (Ctrl-C to stop)")
 
     console.print(f"scrit run → {directory.resolve()}  (versions: {cfg.run.versions}, "
                   f"validator: {'on' if cfg.validator.enabled else 'off'})")
@@ -160,6 +172,70 @@ def run_command(
                   f"final model {summary['final_model']}; report {directory / 'report.md'}")
     if summary.get("interrupted"):
         raise typer.Exit(code=130)
+
+
+@app.command("serve")
+def serve_command(
+    model: Optional[str] = typer.Option(None, help="'seed' or a checkpoint directory (default: critic.model; "
+                                                   "with --follow, the run's newest version)"),
+    follow: Optional[Path] = typer.Option(None, "--follow", help="run directory to follow: hot-swap to every "
+                                                                  "version it publishes (running or finished run)"),
+    host: Optional[str] = typer.Option(None, help="bind address (default: serve.host)"),
+    port: Optional[int] = typer.Option(None, help="HTTP port (default: serve.port)"),
+    replicas: Optional[int] = typer.Option(None, help="Serve replicas (default: resources.serve_replicas)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require 'Authorization: Bearer KEY' "
+                                                                   "(default: serve.api_key, then $SCRIT_API_KEY)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (serve.*, resources.*, critic.*)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set serve.max_batch_size=16"),
+) -> None:
+    """Serve the critic over HTTP with Ray Serve until Ctrl-C (/v1/critique, OpenAI-compatible /v1/chat/completions)."""
+    import signal
+
+    from scrit.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as error:
+        _fail(str(error))
+    if follow is not None and not follow.is_dir():
+        _fail(f"--follow {follow}: no such run directory")
+    if replicas is not None and replicas < 1:
+        _fail("--replicas must be >= 1")
+    if model is not None and model != "seed" and not model.startswith(("http://", "https://")) \
+            and not Path(model).is_dir():
+        _fail(f"--model {model}: no such model directory")
+    import httpx
+    import ray
+
+    from scrit.serve.app import start_critic_endpoint, stop_critic_endpoint
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGINT too: a shell that starts a command in the background makes it ignore SIGINT by default.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        url = start_critic_endpoint(cfg, model, follow, host=host, port=port, replicas=replicas, api_key=api_key)
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        following = f", following {follow.resolve()}" if follow is not None else ""
+        typer.echo(f"critic endpoint: {url}  (version {health.get('critic_version')}{following}; "
+                   f"auth {'on' if api_key or cfg.serve.resolved_api_key() else 'off'}); Ctrl-C to stop", err=True)
+        print(url, flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping the critic endpoint", err=True)
+    except Exception as error:  # noqa: BLE001 - a deployment that fails to start: say why, clean up
+        _fail(f"{type(error).__name__}: {error}")
+    finally:
+        stop_critic_endpoint()
+        if started_ray:
+            ray.shutdown()
 
 
 def main() -> None:  # pragma: no cover - console entry point

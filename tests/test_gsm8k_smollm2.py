@@ -45,6 +45,7 @@ TINY = [
     "train.warmup_steps=0",
     "train.max_seq_len=768",
     "metrics.enabled=false",
+    "serve.enabled=false",
 ]
 
 
