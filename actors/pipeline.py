@@ -162,7 +162,7 @@ class SelfPlayRun:
         import ray
 
         from scrit.actors.registry import weight_registry_actor
-        from scrit.actors.replay_buffer import replay_buffer_actor
+        from scrit.actors.replay_buffer import buffer_options, replay_buffer_actor
         from scrit.actors.shells import critic_actor, solver_actor
         from scrit.backends import resolve_model_path, role_backend
         from scrit.prompts import resolve_prompt_style, use_chat_template
@@ -180,8 +180,7 @@ class SelfPlayRun:
         self.registry = weight_registry_actor(self.run_dir, self.seed_uri, num_cpus=0.05, name=REGISTRY_NAME)
         self.buffer = replay_buffer_actor(
             num_cpus=0.05, actor_options={"name": BUFFER_NAME},
-            run_dir=str(self.run_dir), capacity=cfg.buffer.capacity, correct_ratio=cfg.buffer.correct_ratio,
-            max_staleness=cfg.buffer.max_staleness, max_ahead=cfg.buffer.max_ahead, seed=cfg.run.seed, strict=cfg.buffer.strict,
+            run_dir=str(self.run_dir), seed=cfg.run.seed, **buffer_options(cfg.buffer),
         )
         critic_sampling = {"max_new_tokens": cfg.critic.max_new_tokens, "temperature": cfg.critic.temperature}
         self.critic = critic_actor(

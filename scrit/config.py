@@ -130,6 +130,7 @@ class BufferConfig(_Section):
     correct_ratio: float = 0.5  # share of examples whose student solution was correct (0.5 = 1:1)
     max_staleness: int = 1  # versions an example may lag the trainer; 0 = synchronous rounds
     max_ahead: int = 64  # backpressure: examples producers may hold beyond what the trainer consumed
+    max_reuse: int = 0  # times an example may be drawn before it retires (0 = unlimited)
     strict: bool = True  # a batch short of one class waits (True) or is filled from the other (False)
 
 
@@ -492,6 +493,7 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     one_of("train.zero_stage", train.zero_stage, (0, 1, 2, 3))
     at_least("train.num_workers", train.num_workers, 1)
     positive("train.lr", train.lr)
+    at_least("buffer.max_reuse", buffer.max_reuse, 0)
     at_least("train.batch_size", train.batch_size, 1)
     at_least("train.grad_accum", train.grad_accum, 1)
     at_least("train.steps_per_version", train.steps_per_version, 1)

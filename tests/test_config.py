@@ -273,6 +273,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         ("buffer.correct_ratio=-0.1", "buffer.correct_ratio"),
         ("buffer.max_staleness=-1", "buffer.max_staleness"),
         ("buffer.max_ahead=0", "buffer.max_ahead"),
+        ("buffer.max_reuse=-1", "buffer.max_reuse"),
         ("train.batch_size=0", "train.batch_size"),
         ("train.lr=0", "train.lr"),
         ("train.grad_accum=0", "train.grad_accum"),

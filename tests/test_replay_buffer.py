@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scrit.actors.replay_buffer import ReplayBuffer, buffer_log_path
+from scrit.actors.replay_buffer import ReplayBuffer, buffer_log_path, buffer_options
 from scrit.messages import Problem, TrainingExample, encode
 from scrit.replay_log import HEADER, MAGIC, LogLockedError, RecordLog, frame
 
@@ -287,6 +287,38 @@ def test_without_replacement_within_epoch(tmp_path: Path) -> None:
         assert batch is not None
         seen += [e.problem_id for e in batch]
     assert len(set(seen)) == 20  # the whole eligible pool once before any repeat
+    buf.close()
+
+
+def test_reuse_cap_retires_examples_until_fresh_data_arrives(tmp_path: Path) -> None:
+    buf = ReplayBuffer(tmp_path, capacity=100, max_ahead=100, max_reuse=2)
+    _pool(buf, 4, 4)
+    draws: Counter[str] = Counter()
+    for _ in range(4):  # 4 batches x 4 = 16 draws = every example exactly twice
+        batch = buf.sample(4, 0)
+        assert batch is not None
+        draws.update(e.problem_id for e in batch)
+    assert set(draws.values()) == {2} and len(draws) == 8
+    assert buf.sample(4, 0) is None  # all retired: the trainer waits instead of a third epoch
+    assert buf.stats()["retired"] == 8 and buf.stats()["eligible"] == 0
+    _pool(buf, 2, 2, start=100)
+    batch = buf.sample(4, 0)
+    assert batch is not None and {e.problem_id for e in batch} == {ex(100 + i).problem_id for i in range(4)}
+    buf.close()
+    with pytest.raises(ValueError, match="max_reuse"):
+        ReplayBuffer(tmp_path / "bad", max_reuse=-1)
+
+
+def test_every_buffer_config_key_reaches_the_buffer(tmp_path: Path) -> None:
+    import msgspec
+
+    from scrit.config import BufferConfig
+
+    cfg = BufferConfig(capacity=50, correct_ratio=0.25, max_staleness=3, max_ahead=7, max_reuse=2, strict=False)
+    assert set(buffer_options(cfg)) == {f.name for f in msgspec.structs.fields(BufferConfig)}
+    buf = ReplayBuffer.from_config(tmp_path, cfg)
+    assert (buf.capacity, buf.correct_ratio, buf.max_staleness, buf.max_ahead, buf.max_reuse, buf.strict) == (
+        50, 0.25, 3, 7, 2, False)
     buf.close()
 
 
