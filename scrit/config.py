@@ -485,6 +485,7 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     need(0.0 <= ratio <= 1.0, "buffer.correct_ratio", "must be in [0, 1]", ratio)
     at_least("buffer.max_staleness", buffer.max_staleness, 0)
     at_least("buffer.max_ahead", buffer.max_ahead, 1)  # 0 would stall the producers for good
+    at_least("buffer.max_reuse", buffer.max_reuse, 0)
     # The trainer draws whole batches; a smaller buffer could never supply one.
     need(buffer.capacity >= train.batch_size, "buffer.capacity",
          f"must be >= train.batch_size ({train.batch_size})", buffer.capacity)
@@ -493,7 +494,6 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     one_of("train.zero_stage", train.zero_stage, (0, 1, 2, 3))
     at_least("train.num_workers", train.num_workers, 1)
     positive("train.lr", train.lr)
-    at_least("buffer.max_reuse", buffer.max_reuse, 0)
     at_least("train.batch_size", train.batch_size, 1)
     at_least("train.grad_accum", train.grad_accum, 1)
     at_least("train.steps_per_version", train.steps_per_version, 1)
