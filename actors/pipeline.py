@@ -15,13 +15,15 @@ example log), ``versions/`` (checkpoints + ``registry.jsonl``), ``metrics.jsonl`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,24 @@ from scrit.messages import Problem
 
 BUFFER_NAME = "scrit-buffer"
 REGISTRY_NAME = "scrit-registry"
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block is done, then raise KeyboardInterrupt (only the main thread can)."""
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+        holding = True
+    except ValueError:  # not the main thread: signals are not ours to hold
+        holding = False
+    try:
+        yield
+    finally:
+        if holding:
+            signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 class RunDirError(RuntimeError):
@@ -297,8 +317,8 @@ class SelfPlayRun:
 
     def _serve_until_interrupted(self) -> None:
         """``run.keep_serving``: the run is over but its endpoint stays up (final version) until Ctrl-C."""
-        self.on_event({"kind": "serving", "url": self.endpoint_url})
         try:
+            self.on_event({"kind": "serving", "url": self.endpoint_url})
             while True:
                 time.sleep(1.0)
         except KeyboardInterrupt:
@@ -503,9 +523,14 @@ class SelfPlayRun:
                 if not interrupted:
                     self._schedule_evals(latest.version)
                     self._collect_evals(wait=True)
-                summary = self._summary(latest, interrupted)
+                with _interrupts_deferred():  # a Ctrl-C now waits until the report and summary are written
+                    summary = self._summary(latest, interrupted)
                 if getattr(self, "endpoint_url", None) and self.cfg.run.keep_serving and not interrupted:
                     self._serve_until_interrupted()
+        except KeyboardInterrupt:
+            if not summary:  # Ctrl-C before the run's outputs were written: the caller sees it
+                raise
+            # Ctrl-C once summary.json exists (e.g. the moment --keep-serving begins): the run is complete.
         finally:
             if getattr(self, "endpoint_url", None):
                 from scrit.serve import stop_critic_endpoint
@@ -538,6 +563,9 @@ class SelfPlayRun:
             "evals": [self.evals[v] for v in sorted(self.evals)],
             "config": config_to_dict(self.cfg, redact=True),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # summary.json marks a finished run (scripts and tests wait for it): written last, and whole.
         write_report(self.run_dir, summary)
+        staging = self.run_dir / "summary.json.tmp"
+        staging.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(staging, self.run_dir / "summary.json")
         return summary

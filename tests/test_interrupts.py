@@ -1,0 +1,51 @@
+"""A Ctrl-C while `scrit run` writes its report and summary.json waits until both are on disk.
+
+Without this, a Ctrl-C right after summary.json appeared (as a user or a script that waits for it would
+send to stop `--keep-serving`) could cut the report short and end the run with exit 130.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from scrit.actors.pipeline import _interrupts_deferred
+
+
+def test_ctrl_c_is_held_until_the_block_is_done() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs the handler here; the block must go on
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_no_ctrl_c_no_interrupt() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with _interrupts_deferred():
+        pass
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_outside_the_main_thread_it_only_runs_the_block() -> None:
+    outcome: list[object] = []
+
+    def work() -> None:
+        try:
+            with _interrupts_deferred():
+                outcome.append("ran")
+        except BaseException as error:  # noqa: BLE001 - the test reports whatever escaped
+            outcome.append(error)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert outcome == ["ran"]
