@@ -75,8 +75,11 @@ class RunConfig(_Section):
     eval_every_version: bool = True  # held-out EI-F1 / CC-Acc after each published version
     heldout_eval_items: int = 100  # 0 disables held-out evaluation
     keep_serving: bool = False  # leave the Serve endpoint up after the last version
-    problems_per_batch: int = 16  # problems the pipeline takes per pass (solve -> critique -> validate)
-    max_per_class: int = 2  # per problem and solver: at most this many correct and this many incorrect
+    problems_per_batch: int = 32  # problems the pipeline takes per pass (solve -> critique -> validate)
+    # Per problem and solver: at most this many correct and this many incorrect. 1 spreads the same
+    # generation over more distinct problems, which the critic needs more than more solutions to each
+    # (README, "What was tried next").
+    max_per_class: int = 1
     # The problem's own reference solution (just a correct solution, DESIGN.md §1) joins the solvers'
     # solutions as a correct one, so weak solvers still yield correct-vs-incorrect pairs.
     reference_as_correct: bool = True
@@ -109,7 +112,7 @@ class SolverSpec(_Section):
     device: str = "auto"
     dtype: DType = "auto"
     temperature: float = 1.0  # sampling diversity yields both correct and incorrect solutions
-    samples_per_problem: int = 4
+    samples_per_problem: int = 2
     max_new_tokens: int = 256
 
 
