@@ -42,8 +42,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scrit.messages import TrainingExample
+import msgspec
+
+from scrit.messages import ExampleBatch, StageTiming, TrainingExample, decode
 from scrit.replay_log import RecordLog
+from scrit.rundir import record_process
 
 if TYPE_CHECKING:  # pragma: no cover
     from scrit.config import BufferConfig
@@ -98,6 +101,7 @@ class ReplayBuffer:
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
         self._log = RecordLog(buffer_log_path(run_dir), expected=TrainingExample)
+        record_process(run_dir, "buffer")  # a restarted buffer shows up again: restarts are counted
         # (sequence number in the log, example); the sequence number identifies an example for the
         # without-replacement bookkeeping even when two examples are equal.
         self._window: deque[tuple[int, TrainingExample]] = deque()
@@ -108,17 +112,15 @@ class ReplayBuffer:
         self._samples = 0
         self._short_samples = 0
         self._version = 0
+        self._batches: set[int] = set()  # pipeline batches already stored (put_batch is idempotent)
         for example in self._log.read_all():
             self._remember(example)  # type: ignore[arg-type]
         self._version = max((ex.version for _, ex in self._window), default=0)
         self.resumed = self._total  # examples found in the log at start
 
-    @classmethod
-    def from_config(cls, run_dir: str | os.PathLike[str], cfg: BufferConfig, **kwargs: Any) -> ReplayBuffer:
-        """Build from the ``buffer`` section of a ScritConfig."""
-        return cls(run_dir, **buffer_options(cfg), **kwargs)
-
     def _remember(self, example: TrainingExample) -> None:
+        if example.batch_id >= 0:
+            self._batches.add(example.batch_id)
         self._window.append((self._total, example))
         self._total += 1
         while len(self._window) > self.capacity:
@@ -145,6 +147,23 @@ class ReplayBuffer:
                 self._remember(item)
             self._added_since_sample += n
         return n
+
+    def put_batch(self, batch: bytes | ExampleBatch) -> dict[str, Any]:
+        """The pipeline's last stage: store an ``ExampleBatch`` (msgpack bytes from the validator actor)
+        and return the batch's report for the driver: every stage's counts and timings, ``kept``, and
+        the buffer's size, balance and staleness after the put."""
+        if not isinstance(batch, ExampleBatch):
+            batch = decode(batch, ExampleBatch)
+        started = time.time()
+        with self._lock:  # a batch sent again after a crash, whose first put had reached the log
+            duplicate = batch.batch_id >= 0 and batch.batch_id in self._batches
+        kept = 0 if duplicate else self.put(batch.examples)
+        timings = [*batch.timings, StageTiming("put", "buffer", started, time.time())]
+        stats = self.stats()
+        return {"batch_id": batch.batch_id, **batch.counts, "kept": kept, "duplicate": duplicate,
+                "timings": [msgspec.structs.asdict(t) for t in timings],
+                "buffer_size": stats["size"], "buffer_balance": stats["balance"],
+                "staleness_mean": stats["staleness_mean"], "buffer_total": stats["total_appended"]}
 
     def room(self) -> int:
         """How many more examples producers may put before waiting for the trainer."""
@@ -271,6 +290,7 @@ class ReplayBuffer:
                 "staleness_mean": sum(staleness) / size if size else 0.0,
                 "staleness_max": max(staleness, default=0),
                 "total_appended": self._total,
+                "last_batch_id": max(self._batches, default=-1),
                 "resumed": self.resumed,
                 "room": max(0, self.max_ahead - self._added_since_sample),
                 "added_since_sample": self._added_since_sample,
@@ -321,10 +341,3 @@ def replay_buffer_actor(num_cpus: float = 0.25, *, actor_options: dict[str, Any]
     options = {"num_cpus": num_cpus, **(actor_options or {})}
     return _remote_class().options(**options).remote(**kwargs)
 
-
-def __getattr__(name: str) -> Any:
-    """``ReplayBufferActor`` = ``ray.remote(ReplayBuffer)``, built on first access so importing this
-    module does not import Ray."""
-    if name == "ReplayBufferActor":
-        return _remote_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

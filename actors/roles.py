@@ -1,47 +1,73 @@
 """The self-play roles as plain classes: solver, critic, corrector, validator (DESIGN.md §1).
 
-Each role owns an ``InferenceBackend`` and, optionally, ``follow``: a callable returning the
-registry's latest ``WeightVersion``. ``maybe_swap()`` runs before every batch, so a role picks up a
-newly published critic between batches and never in the middle of one; every output message records
-the ``backend.version`` that produced it. The Ray shells in ``actors/shells.py`` only build a backend
-and a ``follow`` and forward calls here, so all of this runs and is tested without Ray.
+Each role owns an ``InferenceBackend`` and, optionally, a ``VersionFollower``
+(``scrit.checkpoints``) that moves the backend to the newest published critic version; roles call
+it before every batch, so a role picks up a new version between batches and never in the middle of
+one, and every output message records the ``backend.version`` that produced it.
+
+Each role has a per-item method (``solve``, ``critique``, ``correct``, ``validate``) and a batch
+method, the pipeline stage it runs as (``*_batch``: batch messages in, batch messages out, with the
+stage's counts and timings). The Ray shells in ``actors/shells.py`` only build a backend and a
+follower and forward the batch methods, so all of this runs and is tested without Ray, and
+``run_batch_locally`` chains the same stages in one process (the synchronous reference path).
 
 Integrity rule: the roles see problems, solutions, references (correct solutions) and the final
-answer (the validator's optional answer check), never step labels or programmatic critiques.
+answer (labels, the verdict check, the validator's optional answer check), never step labels or
+programmatic critiques.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import random
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
 from scrit import telemetry
 from scrit.backends.base import Generation, InferenceBackend, SamplingParams
+from scrit.checkpoints import VersionFollower
 from scrit.domains.base import Domain
-from scrit.messages import Correction, Critique, CritiqueRequest, Problem, Solution, Validation, WeightVersion
+from scrit.messages import (
+    Correction,
+    Critique,
+    CritiqueBatch,
+    CritiqueRequest,
+    ExampleBatch,
+    Problem,
+    ProblemBatch,
+    Solution,
+    SolutionBatch,
+    StageTiming,
+    Validation,
+)
 from scrit.prompts import CORRECTION_MARKER, critic_prompt, corrector_prompt, solver_prompt
-from scrit.selfplay import critique_from_text, label_solution
+from scrit.selfplay import (
+    complete_critique,
+    corrected_solution,
+    critique_from_text,
+    label_solution,
+    make_requests,
+    reference_solution,
+    select_for_critique,
+    training_example,
+    verdict_matches_label,
+)
 
 __all__ = [
-    "CorrectorRole",
-    "CriticRole",
-    "Follow",
+    "Corrector",
+    "Critic",
+    "PairingSettings",
     "SOLUTION_END_STOPS",
-    "SolverRole",
-    "ValidatorRole",
+    "Solver",
+    "Validator",
     "request_prompt",
+    "run_batch_locally",
 ]
 
 log = logging.getLogger(__name__)
-
-Follow = Callable[[], "WeightVersion | None"]
 
 # A solver that starts writing the next prompt has finished its solution (EOS is the usual end).
 SOLUTION_END_STOPS: tuple[str, ...] = ("\nProblem:", "\nSolve the problem")
@@ -62,33 +88,28 @@ def _strip_stops(text: str, stops: Sequence[str]) -> str:
     return text
 
 
-def _verify(version: WeightVersion) -> bool:
-    """True unless ``version.uri`` is a local checkpoint whose checksum differs from the published one.
+class _Stage:
+    """Times one stage's work on a batch: ``with _Stage("critique", actor) as t: ...; t.timing``."""
 
-    Guards subscribers against loading a checkpoint that is still being written or was overwritten.
-    A URI that is not a local directory (an HTTP backend's server owns its weights) is not checked.
-    """
-    if not version.checksum or not Path(version.uri).is_dir():
-        return True
-    from scrit.actors.registry import checkpoint_checksum
+    def __init__(self, stage: str, actor: str) -> None:
+        self.stage, self.actor = stage, actor
 
-    try:
-        return checkpoint_checksum(version.uri) == version.checksum
-    except OSError:
-        return False
+    def __enter__(self) -> "_Stage":
+        self.start = time.time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timing = StageTiming(self.stage, self.actor, self.start, time.time(), getattr(self, "tokens", 0))
 
 
 class _Role:
-    """Backend + hot-swap bookkeeping shared by all roles."""
+    """Backend, version following and token bookkeeping shared by all roles."""
 
-    def __init__(self, backend: InferenceBackend, follow: Follow | None = None, verify_checksum: bool = True) -> None:
+    def __init__(self, backend: InferenceBackend | None, follower: VersionFollower | None = None,
+                 name: str = "") -> None:
         self.backend = backend
-        self.follow = follow
-        self.verify_checksum = verify_checksum
-        self._swap_lock = threading.Lock()
-        self.swap_latencies: deque[float] = deque(maxlen=100)  # seconds per completed swap, newest last
-        self.swaps = 0
-        self.swap_errors = 0
+        self.follower = follower
+        self.name = name or telemetry.role_of(self)
         self.items = 0
         self.batches = 0
         self.prompt_tokens = 0
@@ -96,42 +117,17 @@ class _Role:
 
     @property
     def version(self) -> int:
-        return self.backend.version
+        return self.backend.version if self.backend is not None else 0
 
     def maybe_swap(self) -> bool:
-        """Load the registry's latest version if it is newer than the backend's; True if swapped.
-
-        Called between batches only. A swap that fails (unreadable or mismatching checkpoint) is
-        logged and counted, and the role keeps serving its current version: a bad checkpoint must
-        not stop data generation.
-        """
-        if self.follow is None:
-            return False
-        latest = self.follow()
-        if latest is None or latest.version <= self.backend.version:
-            return False
-        with self._swap_lock:
-            if latest.version <= self.backend.version:  # another thread swapped meanwhile
-                return False
-            start = time.perf_counter()
-            try:
-                if self.verify_checksum and not _verify(latest):
-                    raise ValueError(f"checksum mismatch for {latest.uri!r}")
-                self.backend.load_weights(latest.version, latest.uri)
-            except Exception as error:  # noqa: BLE001 - keep serving the current version
-                self.swap_errors += 1
-                telemetry.count_swap_error(telemetry.role_of(self))
-                log.error("could not load critic version %d from %s: %s", latest.version, latest.uri, error)
-                return False
-            self.swap_latencies.append(time.perf_counter() - start)
-            self.swaps += 1
-            telemetry.observe_swap(telemetry.role_of(self), latest)
-        log.info("%s now on version %d (%.2fs)", type(self).__name__, latest.version, self.swap_latencies[-1])
-        return True
+        """Move to the newest published version that loads (between batches only); True if swapped."""
+        return self.follower.poll() if self.follower is not None else False
 
     def _generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
+        if not prompts:
+            return []
         started = time.perf_counter()
-        generations = self.backend.generate(prompts, sampling) if prompts else []
+        generations = self.backend.generate(prompts, sampling)
         telemetry.record_generation(telemetry.role_of(self), generations, time.perf_counter() - started)
         self.batches += 1
         self.items += len(generations)
@@ -140,21 +136,15 @@ class _Role:
         return generations
 
     def stats(self) -> dict[str, Any]:
-        """Counters for metrics: items, tokens, version, swaps and swap latency."""
-        return {
-            "role": type(self).__name__,
-            "version": self.backend.version,
-            "items": self.items,
-            "batches": self.batches,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "swaps": self.swaps,
-            "swap_errors": self.swap_errors,
-            "last_swap_s": self.swap_latencies[-1] if self.swap_latencies else None,
-        }
+        """Counters for metrics and the live display: items, tokens, version, swaps."""
+        follower = self.follower.stats() if self.follower is not None else {}
+        return {"role": type(self).__name__, "name": self.name, "version": self.version, "items": self.items,
+                "batches": self.batches, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "swaps": follower.get("swaps", 0),
+                "swap_errors": follower.get("swap_errors", 0), "last_swap_s": follower.get("last_swap_s")}
 
 
-class SolverRole(_Role):
+class Solver(_Role):
     """Samples ``samples_per_problem`` step-by-step solutions per problem and labels them by answer."""
 
     def __init__(
@@ -165,29 +155,29 @@ class SolverRole(_Role):
         samples_per_problem: int = 4,
         sampling: SamplingParams | None = None,
         style: str = "compact",
-        follow: Follow | None = None,
+        follower: VersionFollower | None = None,
     ) -> None:
-        super().__init__(backend, follow)
+        super().__init__(backend, follower, name)
         if samples_per_problem < 1:
             raise ValueError(f"samples_per_problem must be >= 1, got {samples_per_problem}")
         self.domain = domain
-        self.name = name
         self.samples_per_problem = samples_per_problem
         self.sampling = _with_stops(sampling or SamplingParams(temperature=1.0, max_new_tokens=256),
                                     SOLUTION_END_STOPS)
         self.style = style
         self._calls = 0
 
-    def solve(self, problems: Sequence[Problem]) -> list[Solution]:
+    def solve(self, problems: Sequence[Problem], seed_offset: int | None = None) -> list[Solution]:
         """``samples_per_problem`` Solutions per problem, grouped by problem in input order.
 
-        With a fixed ``sampling.seed`` each call uses ``seed + call number``: repeating the seed would
-        give every round the same samples.
+        With a fixed ``sampling.seed`` each call uses ``seed + seed_offset`` (default: the call
+        number): repeating the seed would give every batch the same samples.
         """
         self.maybe_swap()
         sampling = self.sampling
+        offset = self._calls if seed_offset is None else seed_offset
         if sampling.seed is not None:
-            sampling = msgspec.structs.replace(sampling, seed=sampling.seed + self._calls)
+            sampling = msgspec.structs.replace(sampling, seed=sampling.seed + offset)
         self._calls += 1
         prompts = [solver_prompt(p.question, self.style) for p in problems for _ in range(self.samples_per_problem)]
         generations = self._generate(prompts, sampling)
@@ -198,6 +188,15 @@ class SolverRole(_Role):
             for problem, gen in zip(owners, generations)
         ]
 
+    def solve_batch(self, batch: ProblemBatch, actor: str = "") -> SolutionBatch:
+        """The solver stage: this solver's solutions to every problem of ``batch`` (seeded by batch id,
+        so the same batch gets the same samples whichever actor of this solver runs it)."""
+        tokens = self.completion_tokens
+        with _Stage("solve", actor or self.name) as stage:
+            solutions = self.solve(batch.problems, seed_offset=batch.batch_id)
+        stage.tokens = self.completion_tokens - tokens
+        return SolutionBatch(batch_id=batch.batch_id, solver=self.name, solutions=solutions, timings=[stage.timing])
+
 
 def request_prompt(request: CritiqueRequest, style: str) -> str:
     """The critic prompt for a request: contrastive with its reference, direct without one."""
@@ -205,8 +204,45 @@ def request_prompt(request: CritiqueRequest, style: str) -> str:
     return critic_prompt(request.problem.question, request.solution.text, reference, style)
 
 
-class CriticRole(_Role):
-    """Writes the critique up to and including ``Correction:`` (the correction is the corrector's)."""
+class PairingSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the critic stage turns a batch's solutions into critique requests (``scrit.selfplay``)."""
+
+    mode: str = "contrastive"  # contrastive | direct | bug_injection
+    max_per_class: int = 1  # per problem, solver and class
+    reference_as_correct: bool = True  # the problem's reference joins the correct solutions
+    seed: int = 0  # with the batch id, seeds the pairing draws
+
+
+def pair_solutions(batch: ProblemBatch, parts: Sequence[SolutionBatch], domain: Domain,
+                   settings: PairingSettings) -> tuple[list[CritiqueRequest], dict[str, int]]:
+    """Critique requests for one batch from every solver's solutions, and the solver-side counts.
+
+    Uses final answers only (``Solution.correct``). Draws are seeded by ``settings.seed`` and the batch
+    id, so the streaming pipeline and the synchronous path pair a batch identically.
+    """
+    rng = random.Random(f"{settings.seed}:{batch.batch_id}")
+    by_problem: dict[str, list[Solution]] = {p.id: [] for p in batch.problems}
+    for part in parts:
+        for solution in part.solutions:
+            by_problem[solution.problem_id].append(solution)
+    solutions = [s for group in by_problem.values() for s in group]
+    if settings.reference_as_correct:
+        for problem in batch.problems:
+            reference = reference_solution(domain, problem)
+            if reference is not None and reference.correct:
+                by_problem[problem.id].append(reference)
+    selected = select_for_critique(by_problem, settings.max_per_class, rng)
+    problems = {p.id: p for p in batch.problems}
+    requests = [request for problem_id, chosen in selected.items()
+                for request in make_requests(problems[problem_id], chosen, rng, settings.mode, domain)]
+    counts = {"problems": len(batch.problems), "solutions": len(solutions),
+              "solutions_correct": sum(s.correct for s in solutions), "critiques": len(requests)}
+    return requests, counts
+
+
+class Critic(_Role):
+    """Writes the critique up to and including ``Correction:``; with ``continuation`` (the default
+    corrector, as in the paper) the same model then continues its own critique with the correction."""
 
     def __init__(
         self,
@@ -214,12 +250,18 @@ class CriticRole(_Role):
         domain: Domain,
         style: str = "compact",
         sampling: SamplingParams | None = None,
-        follow: Follow | None = None,
+        follower: VersionFollower | None = None,
+        pairing: PairingSettings | None = None,
+        continuation: SamplingParams | None = None,
     ) -> None:
-        super().__init__(backend, follow)
+        super().__init__(backend, follower)
         self.domain = domain
         self.style = style
         self.sampling = _with_stops(sampling or SamplingParams(max_new_tokens=512), (CORRECTION_MARKER,))
+        self.pairing = pairing or PairingSettings()
+        # No follower of its own: a swap between a critique and its continuation would mix versions.
+        self.continuation = (Corrector(backend, domain, style, continuation, continue_critique=True)
+                             if continuation is not None else None)
 
     def critique(self, requests: Sequence[CritiqueRequest]) -> list[Critique]:
         """One Critique per request, in order; unparseable output gives ``parsed=False``, not an error."""
@@ -227,12 +269,33 @@ class CriticRole(_Role):
         generations = self._generate([request_prompt(r, self.style) for r in requests], self.sampling)
         return [critique_from_text(r.problem.id, r.mode, gen.text, gen.version) for r, gen in zip(requests, generations)]
 
+    def critique_batch(self, batch: ProblemBatch, parts: Sequence[SolutionBatch], actor: str = "") -> CritiqueBatch:
+        """The critic stage: pair the solvers' solutions, critique them (and, with ``continuation``,
+        write the corrections on the same version)."""
+        tokens = self.stats()["completion_tokens"]
+        with _Stage("critique", actor or self.name) as stage:
+            requests, counts = pair_solutions(batch, parts, self.domain, self.pairing)
+            critiques = self.critique(requests)
+            corrections = self.continuation.correct(requests, critiques) if self.continuation else None
+            stage.tokens = self.stats()["completion_tokens"] - tokens
+        timings = [t for part in parts for t in part.timings] + [stage.timing]
+        return CritiqueBatch(batch_id=batch.batch_id, requests=requests, critiques=critiques,
+                             corrections=corrections, counts=counts, timings=timings)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        if self.continuation is not None:
+            out["correction_items"] = self.continuation.items
+            out["completion_tokens"] += self.continuation.completion_tokens
+            out["prompt_tokens"] += self.continuation.prompt_tokens
+        return out
+
 
 def _reached_correction(critique: Critique) -> bool:
     return critique.parsed and critique.raw_text.rstrip().endswith(CORRECTION_MARKER)
 
 
-class CorrectorRole(_Role):
+class Corrector(_Role):
     """Writes the correction that completes a critique.
 
     ``continue_critique=True`` (default, as in the paper): ``backend`` is the critic's own backend and
@@ -243,9 +306,6 @@ class CorrectorRole(_Role):
 
     A critique that is unparseable or never reached ``Correction:`` gets an empty Correction without
     any generation: it would fail validation whatever followed.
-
-    In continuation mode ``follow`` should stay None: the critic role owns the swaps, and swapping
-    between a critique and its continuation would mix two versions in one critique.
     """
 
     def __init__(
@@ -255,9 +315,9 @@ class CorrectorRole(_Role):
         style: str = "compact",
         sampling: SamplingParams | None = None,
         continue_critique: bool = True,
-        follow: Follow | None = None,
+        follower: VersionFollower | None = None,
     ) -> None:
-        super().__init__(backend, follow)
+        super().__init__(backend, follower)
         self.domain = domain
         self.style = style
         self.continue_critique = continue_critique
@@ -289,34 +349,49 @@ class CorrectorRole(_Role):
             ))
         return out
 
+    def correct_batch(self, batch: CritiqueBatch, actor: str = "") -> CritiqueBatch:
+        """The corrector stage (a separately configured corrector model): fill in the corrections."""
+        tokens = self.completion_tokens
+        with _Stage("correct", actor or self.name) as stage:
+            corrections = self.correct(batch.requests, batch.critiques)
+            stage.tokens = self.completion_tokens - tokens
+        return msgspec.structs.replace(batch, corrections=corrections, timings=[*batch.timings, stage.timing])
 
-class ValidatorRole(_Role):
-    """Judges corrected solutions with a direct critique (no reference) by the evolving critic.
 
-    Passed iff the critique parses and says "correct, no wrong step", and, with
-    ``require_answer_match``, the corrected solution's final answer equals the problem's answer.
-    Only the judgment is needed, so generation stops at ``Correction:``.
+class Validator(_Role):
+    """Keeps the critiques worth training on: the validator stage of the pipeline.
+
+    A critique is kept when it parses, its conclusion agrees with the student's final-answer label
+    (``require_verdict_match``), and the evolving critic itself, judging the corrected solution with
+    no reference (a direct critique), says "correct, no wrong step" -- and, with
+    ``require_answer_match``, the corrected solution's final answer equals the problem's. Only the
+    judgment is needed, so generation stops at ``Correction:``. Without a backend (``validator.enabled:
+    false``, the paper's ablation) every consistent critique is kept.
     """
 
     def __init__(
         self,
-        backend: InferenceBackend,
+        backend: InferenceBackend | None,
         domain: Domain,
         style: str = "compact",
         sampling: SamplingParams | None = None,
         require_answer_match: bool = True,
-        follow: Follow | None = None,
+        require_verdict_match: bool = True,
+        follower: VersionFollower | None = None,
     ) -> None:
-        super().__init__(backend, follow)
+        super().__init__(backend, follower)
         self.domain = domain
         self.style = style
         self.require_answer_match = require_answer_match
+        self.require_verdict_match = require_verdict_match
         self.sampling = _with_stops(sampling or SamplingParams(max_new_tokens=512), (CORRECTION_MARKER,))
 
     def validate(self, problems: Sequence[Problem], corrected_texts: Sequence[str]) -> list[Validation]:
         """One Validation per (problem, corrected solution text), in order."""
         if len(problems) != len(corrected_texts):
             raise ValueError(f"{len(problems)} problems but {len(corrected_texts)} corrected solutions")
+        if self.backend is None:
+            raise ValueError("this validator has no model (validator.enabled: false)")
         self.maybe_swap()
         prompts = [critic_prompt(p.question, text, None, self.style) for p, text in zip(problems, corrected_texts)]
         generations = self._generate(prompts, self.sampling)
@@ -332,3 +407,40 @@ class ValidatorRole(_Role):
                                   answer_matches=matches, raw_text=gen.text, version=gen.version))
         return out
 
+    def validate_batch(self, batch: CritiqueBatch, actor: str = "") -> ExampleBatch:
+        """The validator stage: the batch's kept critiques as training examples, with every count."""
+        if batch.corrections is None:
+            raise ValueError(f"batch {batch.batch_id} reached the validator without corrections")
+        self.maybe_swap()  # also when nothing reaches the model: the stage reports the version it is on
+        tokens = self.completion_tokens
+        with _Stage("validate", actor or self.name) as stage:
+            candidates = []
+            for request, critique, correction in zip(batch.requests, batch.critiques, batch.corrections):
+                full = complete_critique(critique, correction)
+                if full.parsed:
+                    candidates.append((request, full))
+            counts = {**batch.counts, "parsed": len(candidates)}
+            if self.require_verdict_match:
+                candidates = [(r, c) for r, c in candidates if verdict_matches_label(c, r.solution)]
+            counts["consistent"] = len(candidates)
+            if self.backend is not None and candidates:
+                texts = [corrected_solution(self.domain, r.solution, c) for r, c in candidates]
+                verdicts = self.validate([r.problem for r, _ in candidates], texts)
+                candidates = [c for c, v in zip(candidates, verdicts) if v.passed]
+            counts["validated"] = len(candidates)
+            counts["critic_version"] = max((c.version for _, c in candidates), default=-1)
+            examples = [training_example(r.problem, r.solution, c.raw_text, c.version, self.style, batch.batch_id)
+                        for r, c in candidates]
+            stage.tokens = self.completion_tokens - tokens
+        return ExampleBatch(batch_id=batch.batch_id, examples=examples, counts=counts,
+                            timings=[*batch.timings, stage.timing])
+
+
+def run_batch_locally(batch: ProblemBatch, solvers: Sequence[Solver], critic: Critic, validator: Validator,
+                      corrector: Corrector | None = None) -> ExampleBatch:
+    """One batch through every stage in this process, one stage after another: the synchronous
+    reference for the streaming pipeline (same stage code, same seeds, so the same examples)."""
+    critiqued = critic.critique_batch(batch, [solver.solve_batch(batch) for solver in solvers])
+    if corrector is not None:
+        critiqued = corrector.correct_batch(critiqued)
+    return validator.validate_batch(critiqued)

@@ -125,52 +125,48 @@ def run_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: built-in arith + seed)"),
     overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set train.lr=1e-4"),
     run_dir: Optional[Path] = typer.Option(None, help="run directory (default: run.run_dir from the config)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last published version and the buffer"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last published version and the buffer "
+                                                        "(with RUN_DIR/config.yaml unless --config is given)"),
     keep_serving: bool = typer.Option(False, "--keep-serving",
                                       help="keep the critic endpoint up after the run ends, until Ctrl-C"),
 ) -> None:
     """Run the self-play loop: solvers, critic, validator, replay buffer, Ray Train, hot swap."""
     from scrit.config import ConfigError, load_config
 
+    if resume and config is None:
+        from scrit.config import default_config
+
+        config = (run_dir or Path(default_config().run.run_dir)) / "config.yaml"  # the run keeps its config
+        if not config.is_file():
+            _fail(f"--resume: {config} not found; pass --config")
     try:
         cfg = load_config(config, [*overrides, *(["run.keep_serving=true"] if keep_serving else [])])
     except ConfigError as error:
         _fail(str(error))
     from rich.console import Console
 
-    from scrit.actors.pipeline import RunDirError, SelfPlayRun
+    from scrit.actors.run import RunDirError, SelfPlayRun
+    from scrit.progress import RunDisplay
 
     console = Console(stderr=True)
     directory = run_dir or Path(cfg.run.run_dir)
-
-    def show(event: dict) -> None:
-        if event["kind"] == "eval":
-            console.print(f"[bold green]eval[/] version {event['version']}: EI-F1 {event.get('ei_f1') or 0:.3f} "
-                          f"CC-Acc {event.get('cc_acc') or 0:.3f} parse {event.get('parse_rate') or 0:.2f}")
-        elif event["kind"] == "batch":
-            rate = "-" if event.get("pass_rate") is None else f"{event['pass_rate']:.2f}"
-            console.print(f"[{event['t']:7.1f}s] critic v{event['latest_version']}  solved "
-                          f"{event['solutions_correct']}/{event['solutions']}  critiques {event['critiques']}  "
-                          f"parsed {event['parsed']}  kept {event['kept']} (pass {rate})  buffer {event['buffer_size']}")
-        elif event["kind"] == "endpoint":
-            console.print(f"[bold]critic endpoint[/] {event['url']}  (POST /v1/critique, /v1/chat/completions; "
-                          "it follows every new version)")
-        elif event["kind"] == "endpoint_error":
-            console.print(f"[bold red]critic endpoint not started[/]: {event['error']} (the run goes on)")
-        elif event["kind"] == "serving":
-            console.print(f"run finished; still serving the final critic at {event['url']} (Ctrl-C to stop)")
-
     console.print(f"scrit run → {directory.resolve()}  (versions: {cfg.run.versions}, "
                   f"validator: {'on' if cfg.validator.enabled else 'off'})")
     try:
-        summary = SelfPlayRun(cfg, directory, resume=resume, on_event=show).run()
+        with RunDisplay(console, cfg.run.versions) as display:
+            summary = SelfPlayRun(cfg, directory, resume=resume, on_event=display.event).run()
     except (RunDirError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
     if not summary:
         _fail("the run stopped before it started")
-    console.print(f"done: {summary['versions']} versions in {summary['wall_seconds']:.0f} s; "
+    if summary["status"] == "failed":
+        error = summary["error"]
+        typer.echo(f"error: the run failed in {error['component']}: {error['message']} "
+                   f"(traceback: {directory / 'run.log'}; summary: {directory / 'summary.json'})", err=True)
+        raise typer.Exit(code=1)
+    console.print(f"{summary['status']}: {summary['versions']} versions in {summary['wall_seconds']:.0f} s; "
                   f"final model {summary['final_model']}; report {directory / 'report.md'}")
-    if summary.get("interrupted"):
+    if summary["status"] == "interrupted":
         raise typer.Exit(code=130)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "ServeConfig",
     "MetricsConfig",
     "VLLMConfig",
+    "FaultsConfig",
     "ScritConfig",
     "BACKENDS",
     "default_config",
@@ -75,7 +76,10 @@ class RunConfig(_Section):
     eval_every_version: bool = True  # held-out EI-F1 / CC-Acc after each published version
     heldout_eval_items: int = 100  # 0 disables held-out evaluation
     keep_serving: bool = False  # leave the Serve endpoint up after the last version
-    problems_per_batch: int = 32  # problems the pipeline takes per pass (solve -> critique -> validate)
+    problems_per_batch: int = 32  # problems per pipeline batch (solve -> critique -> validate -> buffer)
+    # Batches in the producer pipeline at once: while the critic works on one, the solvers work on the
+    # next and the validator on the previous. 1 = the old synchronous loop, one stage at a time.
+    batches_in_flight: int = 3
     # Per problem and solver: at most this many correct and this many incorrect. 1 spreads the same
     # generation over more distinct problems, which the critic needs more than more solutions to each
     # (README, "What was tried next").
@@ -104,6 +108,7 @@ class CriticConfig(_Section):
     temperature: float = 0.0  # 0 = greedy
     mode: CritiqueMode = "contrastive"
     prompt_style: str = "auto"  # compact | instruct | auto (compact for seed-family checkpoints)
+    num_actors: int = 1  # critic actors; batches are spread over them (a cluster gives each its GPUs)
 
 
 class SolverSpec(_Section):
@@ -114,18 +119,21 @@ class SolverSpec(_Section):
     temperature: float = 1.0  # sampling diversity yields both correct and incorrect solutions
     samples_per_problem: int = 2
     max_new_tokens: int = 256
+    num_actors: int = 1  # actors running this solver model
 
 
 class CorrectorConfig(_Section):
     model: str | None = None  # None = the critic continues its own output (as in the paper)
     backend: Backend = "hf"
     max_new_tokens: int = 256
+    num_actors: int = 1  # only with a separate corrector model
 
 
 class ValidatorConfig(_Section):
     enabled: bool = True
     require_answer_match: bool = True  # the correction's answer must also equal the known answer
     require_verdict_match: bool = True  # the critique's conclusion must agree with the final-answer label
+    num_actors: int = 1  # validator actors, each with its own copy of the evolving critic
 
 
 class BufferConfig(_Section):
@@ -192,6 +200,15 @@ class VLLMConfig(_Section):
     max_model_len: int | None = None  # None = the model's own context length
 
 
+class FaultsConfig(_Section):
+    """How a long run survives crashes (README, "Failures"): restarts and retries, all bounded."""
+
+    actor_max_restarts: int = 3  # stage, evaluator, buffer and registry actors restart after a crash (-1 = always)
+    actor_task_retries: int = 2  # an idempotent actor call whose actor died runs again on the restarted actor
+    batch_retries: int = 2  # a pipeline batch whose actor died for good is sent through the pipeline again
+    train_max_failures: int = 3  # Ray Train restarts its workers this often (FailureConfig.max_failures)
+
+
 class ScritConfig(_Section):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     domain: DomainConfig = msgspec.field(default_factory=DomainConfig)
@@ -205,6 +222,7 @@ class ScritConfig(_Section):
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     vllm: VLLMConfig = msgspec.field(default_factory=VLLMConfig)
+    faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,6 +470,10 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     positive("run.max_wall_seconds", run.max_wall_seconds)
     positive("run.problems_per_batch", run.problems_per_batch)
     positive("run.max_per_class", run.max_per_class)
+    at_least("run.batches_in_flight", run.batches_in_flight, 1)
+    at_least("critic.num_actors", critic.num_actors, 1)
+    at_least("validator.num_actors", cfg.validator.num_actors, 1)
+    at_least("corrector.num_actors", cfg.corrector.num_actors, 1)
     one_of("critic.prompt_style", cfg.critic.prompt_style, ("auto", "compact", "instruct"))
     at_least("run.versions", run.versions, 1)
     at_least("run.heldout_eval_items", run.heldout_eval_items, 0)
@@ -479,6 +501,7 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
         at_least(f"{prefix}.temperature", solver.temperature, 0)
         at_least(f"{prefix}.samples_per_problem", solver.samples_per_problem, 1)
         at_least(f"{prefix}.max_new_tokens", solver.max_new_tokens, 1)
+        at_least(f"{prefix}.num_actors", solver.num_actors, 1)
 
     model_backend("corrector", cfg.corrector.model, cfg.corrector.backend)
     at_least("corrector.max_new_tokens", cfg.corrector.max_new_tokens, 1)
@@ -525,6 +548,10 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
          cfg.vllm.gpu_memory_utilization)
     if cfg.vllm.max_model_len is not None:
         at_least("vllm.max_model_len", cfg.vllm.max_model_len, 16)
+    at_least("faults.actor_max_restarts", cfg.faults.actor_max_restarts, -1)
+    at_least("faults.actor_task_retries", cfg.faults.actor_task_retries, 0)
+    at_least("faults.batch_retries", cfg.faults.batch_retries, 0)
+    at_least("faults.train_max_failures", cfg.faults.train_max_failures, 0)
     return problems
 
 

@@ -33,7 +33,7 @@ def build_arith_evalset(n: int = ARITH_EVAL_SIZE, seed: int = ARITH_EVAL_SEED, i
     Half the solutions carry a wrong step (the four kinds in turn, at a uniformly drawn step), half
     are correct; the correct solution is the reference.
     """
-    from scrit.seed.corpus import generate_split_problem
+    from scrit.domains.arith import generate_split_problem
 
     rng = random.Random(seed)
     items = []

@@ -84,6 +84,8 @@ class TrainingExample(Message):
     problem_id: str
     version: int  # critic version that produced the critique
     created_at: float = msgspec.field(default_factory=time.time)
+    solver: str = ""  # the solver that wrote the student solution (reports per solver; "" in old logs)
+    batch_id: int = -1  # the pipeline batch that made it: a batch sent again after a crash is stored once
 
 
 class WeightVersion(Message):
@@ -94,8 +96,55 @@ class WeightVersion(Message):
     step: int = 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Batches flowing through the producer pipeline (solver -> critic -> [corrector] -> validator -> buffer)
+
+
+class StageTiming(msgspec.Struct, frozen=True):
+    """When one stage worked on a batch (wall-clock seconds): the pipeline's overlap is read from these."""
+
+    stage: str
+    actor: str
+    start: float
+    end: float
+    tokens: int = 0  # completion tokens the stage generated for the batch
+
+
+class ProblemBatch(Message):
+    batch_id: int
+    problems: list[Problem]
+
+
+class SolutionBatch(Message):
+    batch_id: int
+    solver: str
+    solutions: list[Solution]
+    timings: list[StageTiming] = msgspec.field(default_factory=list)
+
+
+class CritiqueBatch(Message):
+    """Critique requests of one batch with their critiques and (once written) corrections."""
+
+    batch_id: int
+    requests: list[CritiqueRequest]
+    critiques: list[Critique]
+    corrections: list[Correction] | None  # None until a corrector has written them
+    counts: dict[str, int]
+    timings: list[StageTiming] = msgspec.field(default_factory=list)
+
+
+class ExampleBatch(Message):
+    """A batch's kept critiques as training examples, with the counts of every stage."""
+
+    batch_id: int
+    examples: list[TrainingExample]
+    counts: dict[str, int]
+    timings: list[StageTiming] = msgspec.field(default_factory=list)
+
+
 AnyMessage = Union[
-    Problem, Solution, CritiqueRequest, Critique, Correction, Validation, TrainingExample, WeightVersion
+    Problem, Solution, CritiqueRequest, Critique, Correction, Validation, TrainingExample, WeightVersion,
+    ProblemBatch, SolutionBatch, CritiqueBatch, ExampleBatch,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -11,19 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Events from metrics.jsonl; a torn last line (crash mid-write) is skipped."""
-    events = []
-    path = Path(path)
-    if not path.is_file():
-        return events
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+from scrit.rundir import read_events
 
 
 def _plot(path: Path, title: str, xlabel: str, series: dict[str, tuple[list[float], list[float]]],
@@ -54,10 +42,10 @@ def _plot(path: Path, title: str, xlabel: str, series: dict[str, tuple[list[floa
 def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     """Write plots and ``report.md`` into ``run_dir``; returns the report path."""
     run_dir = Path(run_dir)
-    events = read_metrics(run_dir / "metrics.jsonl")
+    events = read_events(run_dir / "metrics.jsonl")
     evals = sorted((e for e in events if e.get("kind") == "eval"), key=lambda e: e["version"])
     batches = [e for e in events if e.get("kind") == "batch"]
-    train = read_metrics(run_dir / "train_metrics.jsonl")
+    train = read_events(run_dir / "train_metrics.jsonl")
     plots = []
     if _plot(run_dir / "heldout_scores.png", "Held-out critique scores per critic version", "critic version",
              {key: ([e["version"] for e in evals if e.get(key) is not None],

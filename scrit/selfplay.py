@@ -264,7 +264,7 @@ def corrected_solution(domain: Domain, student: Solution, critique: Critique) ->
 
 
 def training_example(
-    problem: Problem, student: Solution, critique_text: str, version: int, style: str = "compact"
+    problem: Problem, student: Solution, critique_text: str, version: int, style: str = "compact", batch_id: int = -1
 ) -> TrainingExample:
     """A kept critique as SFT data: input = problem + student (no reference), target = the critique.
 
@@ -279,4 +279,6 @@ def training_example(
         student_correct=student.correct,
         problem_id=problem.id,
         version=int(version),
+        solver=student.solver,
+        batch_id=batch_id,
     )

@@ -317,7 +317,7 @@ class CriticServer:
 def _published_version_of(model_uri: str) -> int | None:
     """The version number of ``model_uri`` when it is a published checkpoint of some run
     (``RUN/versions/vNNNN`` listed in ``RUN/versions/registry.jsonl``), else None."""
-    from scrit.serve.follow import RegistryTail
+    from scrit.checkpoints import RegistryTail
 
     path = Path(model_uri)
     if not path.is_dir() or path.parent.name != "versions":

@@ -1,42 +1,37 @@
 """The model side of a Serve replica: the critic it serves now, and zero-downtime hot swap (DESIGN.md §8-9).
 
-A replica holds exactly one *active* model (a backend plus its version) and, while a swap is under
-way, a second one: the next version is loaded **beside** the active one in a background thread,
-then made active by replacing one reference. ``generate_batch`` reads that reference once per batch,
-so
+A replica owns one inference backend. A background thread follows the run's
+``versions/registry.jsonl`` with ``scrit.checkpoints.VersionFollower`` (the same subscriber the role
+actors use) every ``poll_s`` seconds and calls the backend's ``load_weights``, whose swap is atomic
+between batches: the HF backend loads the new weights beside the old ones, warms them up and switches
+one reference; vLLM reloads in place once the batch in flight is done. ``generate_batch`` pins the
+backend for the whole batch (a swap waits for it), and every generation carries its version, so
 
 * every request of a batch runs on one version, the one the batch started with;
-* a request in flight when the swap happens finishes on the old model, which is freed when the last
-  batch holding it returns;
-* no request waits for a load or fails because of one: requests keep running on the old version
-  until the new one is fully loaded and warmed up.
+* no request fails because of a swap: a batch either ran before it or runs after it.
 
-The follower tails the run's ``versions/registry.jsonl`` (``serve/follow.py``) every ``poll_s``
-seconds. Before loading a version it checks the checkpoint against the published checksum
-(``actors/registry.py: checkpoint_checksum``); a version that fails the check or does not load is
-logged, counted and never tried again, and the replica keeps serving what it has. When several new
-versions are waiting it takes the newest that loads.
-
-Ray-free (``serve/app.py`` wraps it in the Serve deployment), so it is testable in-process.
+A version whose checkpoint fails its checksum or does not load is logged, counted and never tried
+again; the replica keeps serving what it has, and when several new versions wait it takes the
+newest that loads. Ray-free (``serve/app.py`` wraps it in the Serve deployment), so it is testable
+in-process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import msgspec
 
-from scrit.backends.base import Generation, InferenceBackend, SamplingParams
+from scrit.backends.base import Generation, SamplingParams
+from scrit.checkpoints import RegistryTail, VersionFollower, verify_checkpoint
 from scrit.messages import WeightVersion
-from scrit.serve.follow import RegistryTail
 from scrit.serve.schema import Limits
 
 __all__ = ["ActiveModel", "CriticService", "ServeSettings"]
@@ -83,126 +78,86 @@ def telemetry(settings: ServeSettings) -> Any:
 
 @dataclass(frozen=True)
 class ActiveModel:
+    """What a replica serves now (a snapshot: read it once per use)."""
+
     version: int
-    backend: InferenceBackend
     uri: str
     since: float  # wall-clock time this replica started serving it
-    load_s: float  # seconds spent loading, verifying and warming it up
-
-
-def _verify(version: WeightVersion) -> None:
-    """Raise ValueError unless the checkpoint directory matches its published checksum."""
-    if not version.checksum:
-        return
-    from scrit.actors.registry import checkpoint_checksum
-
-    actual = checkpoint_checksum(version.uri)
-    if actual != version.checksum:
-        raise ValueError(f"checksum mismatch for {version.uri!r}: published {version.checksum}, found {actual}")
 
 
 class CriticService:
-    """The active critic of one replica, its registry follower and batched generation."""
+    """One replica's critic: its backend, the registry follower and batched generation."""
 
     def __init__(self, settings: ServeSettings, *, start_following: bool = True) -> None:
         self.settings = settings
-        self._tail = RegistryTail(settings.follow_run_dir) if settings.follow_run_dir else None
-        self._pending: dict[int, WeightVersion] = {}  # published, newer than active, not yet tried
-        self._bad: set[int] = set()
-        self._swap_lock = threading.Lock()
-        self._stop = threading.Event()
-        self.swaps = 0
-        self.swap_errors = 0
-        self.swap_history: deque[dict[str, Any]] = deque(maxlen=50)
         self.requests = 0
         self.batches = 0
-        self._since: dict[int, float] = {}
-        self.active = self._initial()
+        self._stop = threading.Event()
+        self.backend, rejected = self._open()
+        self._started = time.time()
+        self.follower: VersionFollower | None = None
+        if settings.follow_run_dir:
+            self.follower = VersionFollower(settings.follow_run_dir, self.backend, ROLE,
+                                            verify_checksum=settings.verify_checksum)
+            self.follower.tail.poll()  # what _open() already considered is not offered again
+            self.follower.rejected.update(rejected)
+            self.follower.swap_errors += len(rejected)
         self._thread: threading.Thread | None = None
-        if self._tail is not None and start_following:
+        if self.follower is not None and start_following:
             self._thread = threading.Thread(target=self._follow_loop, name="scrit-follow", daemon=True)
             self._thread.start()
+        metrics = telemetry(settings)
+        if metrics is not None:
+            metrics.set_version(ROLE, self.backend.version)
 
-    # ------------------------------------------------------------------------------ loading
-
-    def _load(self, version: WeightVersion) -> ActiveModel:
-        """Verify, load and warm up ``version`` beside the active model; raises on any failure."""
+    def _open(self) -> tuple[Any, set[int]]:
+        """The backend on the newest published version that verifies and loads, else on ``model_uri``
+        as ``start_version``; and the published versions that were rejected on the way."""
         from scrit.backends import make_backend, resolve_model_path
 
-        started = time.perf_counter()
-        uri = resolve_model_path(version.uri)
-        if self.settings.verify_checksum and Path(uri).is_dir():
-            _verify(msgspec.structs.replace(version, uri=uri))
-        spec = f"vllm:{uri}" if self.settings.backend == "vllm" and not uri.startswith("http") else uri
-        backend = make_backend(spec, version=version.version, **self.settings.backend_options)
-        backend.generate([_WARMUP_PROMPT], SamplingParams(max_new_tokens=1))  # first-call costs, off the request path
-        return ActiveModel(version=version.version, backend=backend, uri=uri, since=0.0,
-                           load_s=time.perf_counter() - started)
-
-    def _initial(self) -> ActiveModel:
-        """The newest published version that loads, else ``model_uri`` as ``start_version``."""
-        base = WeightVersion(version=self.settings.start_version, uri=self.settings.model_uri, checksum="",
-                             created_at=0.0)
-        published = self._tail.poll() if self._tail is not None else []
-        for version in sorted(published, key=lambda v: v.version, reverse=True):
-            if version.version <= base.version:
-                break
+        settings = self.settings
+        candidates = RegistryTail(settings.follow_run_dir).poll() if settings.follow_run_dir else []
+        base = WeightVersion(version=settings.start_version, uri=resolve_model_path(settings.model_uri),
+                             checksum="", created_at=0.0)
+        rejected: set[int] = set()
+        for version in sorted(candidates, key=lambda v: v.version, reverse=True) + [base]:
+            if version is not base and version.version <= base.version:
+                continue
             try:
-                return self._activate(self._load(version))
+                if settings.verify_checksum:
+                    verify_checkpoint(version)
+                uri = version.uri
+                spec = f"vllm:{uri}" if settings.backend == "vllm" and not uri.startswith("http") else uri
+                backend = make_backend(spec, version=version.version, **settings.backend_options)
+                backend.generate([_WARMUP_PROMPT], SamplingParams(max_new_tokens=1))  # first-call costs
             except Exception as error:  # noqa: BLE001 - a broken checkpoint is skipped, never served
-                self._reject(version, error)
-        return self._activate(self._load(base))  # the base model must load: nothing else to serve
+                if version is base:
+                    raise  # nothing else to serve
+                rejected.add(version.version)
+                log.error("critic version %d (%s) is not served: %s", version.version, version.uri, error)
+                continue
+            self._start_uri = uri
+            return backend, rejected
+        raise AssertionError("unreachable: the base model either loads or raises")
 
-    def _activate(self, model: ActiveModel) -> ActiveModel:
-        now = time.time()
-        model = ActiveModel(version=model.version, backend=model.backend, uri=model.uri, since=now,
-                            load_s=model.load_s)
-        self._since[model.version] = now
-        self.active = model  # one reference assignment: the next batch runs on it
-        metrics = telemetry(self.settings)
-        if metrics is not None:
-            metrics.set_version(ROLE, model.version)
-        return model
+    @property
+    def active(self) -> ActiveModel:
+        version = self.backend.version
+        since = self.follower.since.get(version) if self.follower is not None else None
+        return ActiveModel(version=version, uri=getattr(self.backend, "model_path", self._start_uri),
+                           since=since if since is not None else self._started)
 
-    def _reject(self, version: WeightVersion, error: BaseException) -> None:
-        self._bad.add(version.version)
-        self.swap_errors += 1
-        metrics = telemetry(self.settings)
-        if metrics is not None:
-            metrics.count_swap_error(ROLE)
-        log.error("critic version %d (%s) is not served: %s", version.version, version.uri, error)
+    @property
+    def swaps(self) -> int:
+        return self.follower.swaps if self.follower is not None else 0
+
+    @property
+    def swap_errors(self) -> int:
+        return self.follower.swap_errors if self.follower is not None else 0
 
     def poll_once(self) -> bool:
-        """Read the registry; load and switch to the newest new version that loads. True if switched."""
-        if self._tail is None:
-            return False
-        with self._swap_lock:
-            for version in self._tail.poll():
-                if version.version > self.active.version and version.version not in self._bad:
-                    self._pending[version.version] = version
-            for number in sorted(self._pending, reverse=True):
-                version = self._pending.pop(number)
-                if number <= self.active.version:
-                    continue
-                try:
-                    loaded = self._load(version)
-                except Exception as error:  # noqa: BLE001 - keep serving the active version
-                    self._reject(version, error)
-                    continue
-                previous = self.active.version
-                model = self._activate(loaded)
-                self._pending = {n: v for n, v in self._pending.items() if n > model.version}
-                self.swaps += 1
-                published = version.created_at or None
-                metrics = telemetry(self.settings)
-                if metrics is not None:
-                    metrics.observe_swap(ROLE, version, now=model.since)
-                self.swap_history.append({"version": model.version, "from": previous, "since": model.since,
-                                          "load_s": round(model.load_s, 4), "published_at": published})
-                log.info("now serving critic version %d (was %d; loaded in %.2fs)", model.version, previous,
-                         model.load_s)
-                return True
-        return False
+        """Read the registry and switch to the newest new version that loads. True if switched."""
+        return self.follower.poll() if self.follower is not None else False
 
     def _follow_loop(self) -> None:
         while not self._stop.wait(self.settings.poll_s):
@@ -220,39 +175,48 @@ class CriticService:
 
     def since(self, version: int) -> float | None:
         """When this replica started serving ``version`` (None if it never did)."""
-        return self._since.get(version)
+        if self.follower is not None and version in self.follower.since:
+            return self.follower.since[version]
+        return self._started if version == self.settings.start_version else None
 
     async def generate_batch(self, items: Sequence[tuple[str, SamplingParams]]) -> list[Generation | Exception]:
-        """One Generation per (prompt, sampling), all on the version active when the batch starts.
+        """One Generation per (prompt, sampling), all on one version: the one the batch started with.
 
         Items with equal sampling share one ``backend.generate`` call (one padded forward pass per
-        step). A failing group returns its exception in its items' places; the others still succeed.
+        step); the calls of a batch run with the backend pinned (``pinned()``: a swap waits for the
+        batch). A failing group returns its exception in its items' places; the others still succeed.
         """
-        model = self.active
         self.batches += 1
         self.requests += len(items)
         groups: dict[SamplingParams, list[int]] = {}
         for index, (_, sampling) in enumerate(items):
             groups.setdefault(sampling, []).append(index)
+        return await asyncio.to_thread(self._generate_groups, items, groups)
+
+    def _generate_groups(self, items: Sequence[tuple[str, SamplingParams]],
+                         groups: dict[SamplingParams, list[int]]) -> list[Generation | Exception]:
         results: list[Generation | Exception] = [RuntimeError("not generated")] * len(items)
-        for sampling, indices in groups.items():
-            prompts = [items[i][0] for i in indices]
-            started = time.perf_counter()
-            try:
-                generations = await asyncio.to_thread(model.backend.generate, prompts, sampling)
-            except Exception as error:  # noqa: BLE001 - reported per request by the caller
-                log.exception("generation failed for %d prompts on version %d", len(prompts), model.version)
-                generations = [error] * len(prompts)
-            else:
-                metrics = telemetry(self.settings)
-                if metrics is not None:
-                    metrics.record_generation(ROLE, generations, time.perf_counter() - started)
-            for i, generation in zip(indices, generations):
-                results[i] = generation
+        pinned = getattr(self.backend, "pinned", contextlib.nullcontext)
+        with pinned():
+            for sampling, indices in groups.items():
+                prompts = [items[i][0] for i in indices]
+                started = time.perf_counter()
+                try:
+                    generations: list[Any] = self.backend.generate(prompts, sampling)
+                except Exception as error:  # noqa: BLE001 - reported per request by the caller
+                    log.exception("generation failed for %d prompts", len(prompts))
+                    generations = [error] * len(prompts)
+                else:
+                    metrics = telemetry(self.settings)
+                    if metrics is not None:
+                        metrics.record_generation(ROLE, generations, time.perf_counter() - started)
+                for i, generation in zip(indices, generations):
+                    results[i] = generation
         return results
 
     def health(self) -> dict[str, Any]:
         model = self.active
+        history = list(self.follower.history) if self.follower is not None else []
         return {
             "critic_version": model.version,
             "model_uri": model.uri,
@@ -260,8 +224,8 @@ class CriticService:
             "following": self.settings.follow_run_dir,
             "swaps": self.swaps,
             "swap_errors": self.swap_errors,
-            "last_swap": self.swap_history[-1] if self.swap_history else None,
-            "recent_swaps": list(self.swap_history),
+            "last_swap": history[-1] if history else None,
+            "recent_swaps": history,
             "requests": self.requests,
             "batches": self.batches,
             "pid": os.getpid(),

@@ -60,7 +60,7 @@ def save_perturbed(source: str, target: str | os.PathLike[str], seed: int, scale
 def publish(registry: object, version: int, uri: str | os.PathLike[str], checksum: str | None = None) -> WeightVersion:
     """Publish ``uri`` as ``version`` on a ``WeightRegistry``; ``checksum`` defaults to the real one
     (pass a wrong one to simulate a broken checkpoint)."""
-    from scrit.actors.registry import checkpoint_checksum
+    from scrit.checkpoints import checkpoint_checksum
 
     record = WeightVersion(version=version, uri=str(Path(uri).resolve()),
                            checksum=checksum if checksum is not None else checkpoint_checksum(uri),

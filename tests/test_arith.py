@@ -20,7 +20,7 @@ from scrit.domains.arith import (
     split_steps,
     wrong_solution,
 )
-from scrit.seed.corpus import arith_split, generate_split_problem
+from scrit.domains.arith import arith_split, generate_split_problem
 
 PROBLEM_RE = re.compile(r"^Start with (\d+)\.( (Add|Subtract) \d+\.| Multiply by \d+\.){2,5} What is the result\?$")
 OP_RE = re.compile(r" (Add|Subtract|Multiply by) (\d+)\.")

@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from scrit.actors.pipeline import _interrupts_deferred
+from scrit.rundir import interrupts_deferred
 
 
 def test_ctrl_c_is_held_until_the_block_is_done() -> None:
     before = signal.getsignal(signal.SIGINT)
     finished = []
     with pytest.raises(KeyboardInterrupt):
-        with _interrupts_deferred():
+        with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # Python runs the handler here; the block must go on
             finished.append(True)
@@ -30,7 +30,7 @@ def test_ctrl_c_is_held_until_the_block_is_done() -> None:
 
 def test_no_ctrl_c_no_interrupt() -> None:
     before = signal.getsignal(signal.SIGINT)
-    with _interrupts_deferred():
+    with interrupts_deferred():
         pass
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -40,7 +40,7 @@ def test_outside_the_main_thread_it_only_runs_the_block() -> None:
 
     def work() -> None:
         try:
-            with _interrupts_deferred():
+            with interrupts_deferred():
                 outcome.append("ran")
         except BaseException as error:  # noqa: BLE001 - the test reports whatever escaped
             outcome.append(error)

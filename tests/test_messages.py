@@ -55,10 +55,20 @@ SAMPLES: list[m.Message] = [
     m.TrainingExample(prompt="problem + student", target="verdicts", student_correct=False,
                       problem_id="arith-7", version=4, created_at=1234.5),
     m.WeightVersion(version=6, uri="/runs/x/versions/6", checksum="sha256:abc", created_at=99.0, step=150),
+    m.ProblemBatch(batch_id=3, problems=[PROBLEM]),
+    m.SolutionBatch(batch_id=3, solver="solver0", solutions=[STUDENT, REFERENCE],
+                    timings=[m.StageTiming("solve", "solver0.0", 10.0, 12.5, 240)]),
+    m.CritiqueBatch(batch_id=3, requests=[m.CritiqueRequest(problem=PROBLEM, solution=STUDENT, reference=REFERENCE)],
+                    critiques=[], corrections=None, counts={"problems": 1, "critiques": 1}),
+    m.ExampleBatch(batch_id=3, examples=[m.TrainingExample(prompt="p", target="t", student_correct=True,
+                                                           problem_id="arith-7", version=4, created_at=1.0,
+                                                           solver="solver0")],
+                   counts={"validated": 1}, timings=[m.StageTiming("validate", "validator.0", 13.0, 14.0)]),
 ]
 IDS = [f"{i}-{type(s).__name__}" for i, s in enumerate(SAMPLES)]
 MESSAGE_TYPES = [m.Problem, m.Solution, m.CritiqueRequest, m.Critique, m.Correction, m.Validation,
-                 m.TrainingExample, m.WeightVersion]
+                 m.TrainingExample, m.WeightVersion, m.ProblemBatch, m.SolutionBatch, m.CritiqueBatch,
+                 m.ExampleBatch]
 
 
 def test_samples_cover_every_message_type() -> None:

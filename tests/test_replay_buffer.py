@@ -316,7 +316,7 @@ def test_every_buffer_config_key_reaches_the_buffer(tmp_path: Path) -> None:
 
     cfg = BufferConfig(capacity=50, correct_ratio=0.25, max_staleness=3, max_ahead=7, max_reuse=2, strict=False)
     assert set(buffer_options(cfg)) == {f.name for f in msgspec.structs.fields(BufferConfig)}
-    buf = ReplayBuffer.from_config(tmp_path, cfg)
+    buf = ReplayBuffer(tmp_path, **buffer_options(cfg))
     assert (buf.capacity, buf.correct_ratio, buf.max_staleness, buf.max_ahead, buf.max_reuse, buf.strict) == (
         50, 0.25, 3, 7, 2, False)
     buf.close()
@@ -441,3 +441,26 @@ def test_ray_actor_shell(tmp_path: Path) -> None:
     # what the actor acknowledged is on disk
     with RecordLog(buffer_log_path(tmp_path), readonly=True) as rlog:
         assert rlog.count == 8
+
+
+def test_put_batch_stores_a_batch_once_and_reports_it(tmp_path: Path) -> None:
+    """A batch sent again after a crash (its first put had reached the log) is not stored twice,
+    also by a buffer restarted from the log."""
+    import msgspec
+
+    from scrit.messages import ExampleBatch, StageTiming, encode
+
+    examples = [msgspec.structs.replace(ex(i, i % 2 == 0), batch_id=7) for i in range(4)]
+    batch = ExampleBatch(batch_id=7, examples=examples, counts={"validated": 4},
+                         timings=[StageTiming("validate", "validator.0", 1.0, 2.0)])
+    buf = ReplayBuffer(tmp_path, max_ahead=100)
+    report = buf.put_batch(encode(batch))
+    assert report["kept"] == 4 and not report["duplicate"] and report["validated"] == 4
+    assert [t["stage"] for t in report["timings"]] == ["validate", "put"] and report["buffer_size"] == 4
+    assert buf.put_batch(batch)["kept"] == 0
+    buf.close()
+    restarted = ReplayBuffer(tmp_path, max_ahead=100)
+    again = restarted.put_batch(batch)
+    assert again["duplicate"] and again["kept"] == 0 and restarted.stats()["size"] == 4
+    assert restarted.stats()["last_batch_id"] == 7
+    restarted.close()

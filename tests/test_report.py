@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from scrit.report import read_metrics, write_report
+from scrit.report import write_report
+from scrit.rundir import read_events
 
 
 def test_report_has_table_and_plots(tmp_path):
@@ -19,7 +20,7 @@ def test_report_has_table_and_plots(tmp_path):
     lines = [json.dumps(e) for e in events]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "bat')  # torn tail
     (tmp_path / "train_metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 5, "loss": 0.9}) + "\n")
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 4
+    assert len(read_events(tmp_path / "metrics.jsonl")) == 4
     report = write_report(tmp_path, {"versions": 1, "seed_model": "s", "final_model": "f", "wall_seconds": 12.0,
                                      "validator_enabled": True, "require_answer_match": True})
     text = report.read_text()

@@ -1,4 +1,4 @@
-"""Roles, weight registry and their Ray shells.
+"""Roles, the weight registry and the stage actors.
 
 Role logic is checked with a scripted backend (exact texts, so exact assertions); the Ray shells run
 tiny random models (junk output), so those tests assert structure: counts, versions, message types,
@@ -7,7 +7,6 @@ and that a published version really changes the weights the critic actor generat
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -16,6 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,12 +25,34 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.openai_server import save_tiny_model
 
-from scrit.actors.registry import WeightRegistry, checkpoint_checksum, registry_path, weight_registry_actor
-from scrit.actors.roles import CorrectorRole, CriticRole, SolverRole, ValidatorRole, request_prompt
-from scrit.actors.shells import critic_actor, pack, solver_actor, unpack
+from scrit.actors.registry import WeightRegistry, weight_registry_actor
+from scrit.actors.roles import (
+    Corrector,
+    Critic,
+    PairingSettings,
+    Solver,
+    Validator,
+    pair_solutions,
+    request_prompt,
+)
+from scrit.actors.shells import CriticActor, SolverActor, ValidatorActor, start_actor
 from scrit.backends.base import Generation, SamplingParams, truncate_at_stop
+from scrit.checkpoints import VersionFollower, checkpoint_checksum, registry_path
 from scrit.domains.arith import ArithDomain
-from scrit.messages import Correction, Critique, Problem, Solution, Validation, WeightVersion
+from scrit.messages import (
+    Correction,
+    Critique,
+    CritiqueBatch,
+    ExampleBatch,
+    Problem,
+    ProblemBatch,
+    Solution,
+    SolutionBatch,
+    Validation,
+    WeightVersion,
+    decode,
+    encode,
+)
 from scrit.prompts import CORRECTION_MARKER, corrector_prompt, critic_prompt, solver_prompt
 from scrit.selfplay import complete_critique, corrected_solution, label_solution, make_requests
 
@@ -86,7 +108,7 @@ def solution(text: str, solver: str = "s") -> Solution:
 def test_solver_role_counts_labels_and_seeds() -> None:
     backend = Scripted(lambda p: (GOOD if "Add 5" in p else BAD) + "\nProblem: next one", version=2)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=64, seed=7)
-    role = SolverRole(backend, ARITH, name="seedsolver", samples_per_problem=3, sampling=sampling)
+    role = Solver(backend, ARITH, name="seedsolver", samples_per_problem=3, sampling=sampling)
     out = role.solve([PROBLEM, PROBLEM2])
     assert len(out) == 6 and all(isinstance(s, Solution) for s in out)
     assert [s.problem_id for s in out] == ["p1"] * 3 + ["p2"] * 3
@@ -105,7 +127,7 @@ def test_critic_corrector_validator_round_trip() -> None:
     (bad_request,) = [r for r in request if not r.solution.correct]
 
     critic_backend = Scripted(lambda p: HEAD + TAIL + "\n(never seen)", version=5)
-    critic = CriticRole(critic_backend, ARITH)
+    critic = Critic(critic_backend, ARITH)
     (critique,) = critic.critique([bad_request])
     assert isinstance(critique, Critique) and critique.version == 5 and critique.mode == "contrastive"
     assert critique.raw_text == HEAD  # stopped at, and including, "Correction:"
@@ -115,7 +137,7 @@ def test_critic_corrector_validator_round_trip() -> None:
 
     # Default corrector: the critic continues its own output.
     cont_backend = Scripted(lambda p: TAIL, version=5)
-    (fix,) = CorrectorRole(cont_backend, ARITH).correct([bad_request], [critique])
+    (fix,) = Corrector(cont_backend, ARITH).correct([bad_request], [critique])
     assert cont_backend.calls[0][0] == [request_prompt(bad_request, "compact") + HEAD]
     assert isinstance(fix, Correction) and fix.text == TAIL and fix.answer == "47" and fix.version == 5
     full = complete_critique(critique, fix)
@@ -124,56 +146,52 @@ def test_critic_corrector_validator_round_trip() -> None:
 
     # A separately configured corrector gets the corrector prompt instead.
     sep_backend = Scripted(lambda p: TAIL, version=0)
-    CorrectorRole(sep_backend, ARITH, continue_critique=False).correct([bad_request], [critique])
+    Corrector(sep_backend, ARITH, continue_critique=False).correct([bad_request], [critique])
     assert sep_backend.calls[0][0] == [corrector_prompt(QUESTION, BAD, HEAD)]
 
     # Validator: a direct critique of the corrected solution, plus the final-answer check.
     val_backend = Scripted(lambda p: APPROVE, version=5)
-    validator = ValidatorRole(val_backend, ARITH)
+    validator = Validator(val_backend, ARITH)
     wrong_fix = corrected.replace("47", "46")
     ok, wrong = validator.validate([PROBLEM, PROBLEM], [corrected, wrong_fix])
     assert val_backend.calls[0][0][0] == critic_prompt(QUESTION, corrected, None)  # no reference
     assert isinstance(ok, Validation) and ok.passed and ok.verdict_correct and ok.answer_matches
     assert not wrong.passed and wrong.verdict_correct and wrong.answer_matches is False
-    lax = ValidatorRole(Scripted(lambda p: APPROVE), ARITH, require_answer_match=False)
+    lax = Validator(Scripted(lambda p: APPROVE), ARITH, require_answer_match=False)
     (lax_result,) = lax.validate([PROBLEM], [wrong_fix])
     assert lax_result.passed and lax_result.answer_matches is None
-    reject = ValidatorRole(Scripted(lambda p: HEAD), ARITH)
+    reject = Validator(Scripted(lambda p: HEAD), ARITH)
     assert not reject.validate([PROBLEM], [corrected])[0].passed
-    junk = ValidatorRole(Scripted(lambda p: "zzz"), ARITH).validate([PROBLEM], [corrected])[0]
+    junk = Validator(Scripted(lambda p: "zzz"), ARITH).validate([PROBLEM], [corrected])[0]
     assert not junk.passed and junk.verdict_correct is None
 
 
 def test_unparseable_critique_gets_empty_correction_without_generation() -> None:
     requests = make_requests(PROBLEM, [solution(GOOD, "a"), solution(GOOD, "b"), solution(BAD)], random.Random(0))
     assert len(requests) == 3
-    critiques = CriticRole(Scripted(lambda p: "gibberish with no verdict"), ARITH).critique(requests)
+    critiques = Critic(Scripted(lambda p: "gibberish with no verdict"), ARITH).critique(requests)
     assert len(critiques) == len(requests) and not any(c.parsed for c in critiques)
     assert all(c.first_error_step == -1 and c.judged_correct is None for c in critiques)
     backend = Scripted(lambda p: TAIL)
-    fixes = CorrectorRole(backend, ARITH).correct(requests, critiques)
+    fixes = Corrector(backend, ARITH).correct(requests, critiques)
     assert [f.text for f in fixes] == [""] * len(requests) and backend.calls == []  # nothing generated
     assert all(f.steps == [] and f.answer is None for f in fixes)
     with pytest.raises(ValueError):
-        CorrectorRole(backend, ARITH).correct(requests, critiques[:1])
+        Corrector(backend, ARITH).correct(requests, critiques[:1])
 
 
-def test_maybe_swap_follows_the_registry_and_verifies_checksums(tmp_path: Path) -> None:
+def test_roles_swap_between_batches_through_their_follower(tmp_path: Path) -> None:
+    """A role asks its VersionFollower before every batch; outputs carry the version that made them."""
     good_dir = _fake_checkpoint(tmp_path / "v1", b"one")
-    latest = [WeightVersion(version=0, uri="seed", checksum="")]
     backend = Scripted(lambda p: APPROVE)
-    critic = CriticRole(backend, ARITH, follow=lambda: latest[0])
+    critic = Critic(backend, ARITH, follower=VersionFollower(tmp_path / "run", backend, "critic"))
     requests = make_requests(PROBLEM, [solution(GOOD), solution(BAD)], random.Random(0))
     assert {c.version for c in critic.critique(requests)} == {0} and backend.loaded == []
-    latest[0] = WeightVersion(version=1, uri=str(good_dir), checksum=checkpoint_checksum(good_dir))
+    registry = WeightRegistry(tmp_path / "run", good_dir)
+    registry.publish(WeightVersion(version=1, uri=str(good_dir), checksum=checkpoint_checksum(good_dir)))
     assert {c.version for c in critic.critique(requests)} == {1}
     assert backend.loaded == [(1, str(good_dir))] and critic.stats()["swaps"] == 1
     assert critic.stats()["last_swap_s"] is not None
-    # A checkpoint whose bytes do not match the published checksum is never loaded.
-    bad_dir = _fake_checkpoint(tmp_path / "v2", b"two")
-    latest[0] = WeightVersion(version=2, uri=str(bad_dir), checksum=checkpoint_checksum(good_dir))
-    assert {c.version for c in critic.critique(requests)} == {1}
-    assert critic.stats()["swap_errors"] == 1 and len(backend.loaded) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,24 +255,10 @@ def test_registry_publish_persist_resume(tmp_path: Path) -> None:
     assert remote.latest().checksum == "" and remote.latest().uri == "http://127.0.0.1:9/v1"
 
 
-def test_registry_wait_and_stop(tmp_path: Path) -> None:
-    seed = _fake_checkpoint(tmp_path / "seed", b"seed")
-    registry = WeightRegistry(tmp_path / "run", seed)
-
-    async def scenario() -> tuple:
-        immediate = await registry.wait_for_version(0, timeout=1)
-        timed_out = await registry.wait_for_version(1, timeout=0.1)
-        waiter = asyncio.ensure_future(registry.wait_for_version(1, timeout=10))
-        await asyncio.sleep(0.1)
-        registry.publish(WeightVersion(version=1, uri="v1", checksum="c"))
-        woken = await waiter
-        stopper = asyncio.ensure_future(registry.wait_for_version(9, timeout=10))
-        await asyncio.sleep(0.1)
-        registry.request_stop()
-        return immediate, timed_out, woken, await stopper
-
-    immediate, timed_out, woken, stopped = asyncio.run(scenario())
-    assert immediate.version == 0 and timed_out is None and woken.version == 1 and stopped is None
+def test_registry_stop_flag(tmp_path: Path) -> None:
+    registry = WeightRegistry(tmp_path / "run", _fake_checkpoint(tmp_path / "seed", b"seed"))
+    assert not registry.stop_requested()
+    registry.request_stop()
     assert registry.stop_requested()
 
 
@@ -293,9 +297,7 @@ def test_registry_actor_is_named_and_shared(ray_session, tmp_path: Path, tiny_mo
     name = f"scrit-registry-{uuid.uuid4().hex[:8]}"
     first = weight_registry_actor(tmp_path / "run", tiny_models[0], name=name)
     second = weight_registry_actor(tmp_path / "run", tiny_models[0], name=name)  # joins, does not fail
-    waiting = first.wait_for_version.remote(1, 30)
     ray.get(second.publish.remote(WeightVersion(version=1, uri=tiny_models[1], checksum="c")))
-    assert ray.get(waiting, timeout=30).version == 1
     assert ray.get(first.latest.remote()).version == 1
     assert ray.get(ray.get_actor(name).history.remote())[0].checksum == checkpoint_checksum(tiny_models[0])
     ray.get(first.request_stop.remote())
@@ -303,57 +305,75 @@ def test_registry_actor_is_named_and_shared(ray_session, tmp_path: Path, tiny_mo
     ray.kill(first)
 
 
+def _batch(batch_id: int = 0) -> ProblemBatch:
+    return ProblemBatch(batch_id=batch_id, problems=[PROBLEM, PROBLEM2])
+
+
+def _solutions(batch_id: int = 0) -> SolutionBatch:
+    parts = [solution(GOOD, "a"), solution(GOOD, "b"), solution(BAD)]
+    parts.append(label_solution(ARITH, PROBLEM2, "Step 1: 3 + 4 = 7\nStep 2: 7 * 2 = 15\nThe answer is \\boxed{15}.",
+                                "s", 0))
+    return SolutionBatch(batch_id=batch_id, solver="s", solutions=parts)
+
+
 def test_published_version_changes_the_critic_actors_weights(ray_session, tmp_path: Path,
                                                              tiny_models: tuple[str, str]) -> None:
     """The key hot-swap test: after publishing model B as version 1, the critic actor's greedy output
-    is exactly what model B gives directly, and differs from model A's."""
+    is exactly what model B gives directly, and differs from model A's; the validator actor follows too."""
     ray = ray_session
     from scrit.backends.hf import HFBackend
 
     model_a, model_b = tiny_models
-    registry = weight_registry_actor(tmp_path / "run", model_a, name=f"reg-{uuid.uuid4().hex[:8]}")
-    critic = critic_actor(model_a, num_cpus=0.25, registry=registry, backend_options=BACKEND,
-                          sampling=CRITIC_SAMPLING, correction_sampling=SamplingParams(max_new_tokens=16),
-                          validation_sampling=SamplingParams(max_new_tokens=16))
-    requests = make_requests(PROBLEM, [solution(GOOD, "a"), solution(GOOD, "b"), solution(BAD)], random.Random(0))
-    requests += make_requests(PROBLEM, [solution(BAD)], random.Random(0), "direct")
+    run_dir = tmp_path / "run"
+    registry = weight_registry_actor(run_dir, model_a, name=f"reg-{uuid.uuid4().hex[:8]}")
+    pairing = {"mode": "contrastive", "max_per_class": 2, "reference_as_correct": True, "seed": 3}
+    critic = start_actor(CriticActor, model_a, num_cpus=0.25, run_dir=str(run_dir), backend_options=BACKEND,
+                         sampling=CRITIC_SAMPLING, continuation=SamplingParams(max_new_tokens=16), pairing=pairing)
+    validator = start_actor(ValidatorActor, model_a, num_cpus=0.25, run_dir=str(run_dir), backend_options=BACKEND,
+                            sampling=SamplingParams(max_new_tokens=16))
+    requests, _ = pair_solutions(_batch(), [_solutions()], ARITH, msgspec.convert(pairing, PairingSettings))
 
-    before = unpack(ray.get(critic.critique.remote(pack(requests))), Critique)
-    assert len(before) == len(requests) and all(c.version == 0 for c in before)
+    before = decode(ray.get(critic.critique.remote(encode(_batch()), encode(_solutions()))), CritiqueBatch)
+    assert before.requests == requests and all(c.version == 0 for c in before.critiques)
+    assert before.counts == {"problems": 2, "solutions": 4, "solutions_correct": 2, "critiques": len(requests)}
 
     ray.get(registry.publish.remote(WeightVersion(version=1, uri=model_b, checksum=checkpoint_checksum(model_b))))
-    after = unpack(ray.get(critic.critique.remote(pack(requests))), Critique)
-    assert all(isinstance(c, Critique) and c.version == 1 for c in after)
+    after = decode(ray.get(critic.critique.remote(encode(_batch(1)), encode(_solutions(1)))), CritiqueBatch)
+    assert all(isinstance(c, Critique) and c.version == 1 for c in after.critiques)
 
-    direct_a = CriticRole(HFBackend(model_a, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
-    direct_b = CriticRole(HFBackend(model_b, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
-    assert [c.raw_text for c in before] == [c.raw_text for c in direct_a]
-    assert [c.raw_text for c in after] == [c.raw_text for c in direct_b]
-    assert [c.raw_text for c in after] != [c.raw_text for c in before]
-    assert ray.get(critic.stats.remote())["critic"]["swaps"] == 1
+    direct_a = Critic(HFBackend(model_a, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
+    direct_b = Critic(HFBackend(model_b, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
+    assert [c.raw_text for c in before.critiques] == [c.raw_text for c in direct_a]
+    assert [c.raw_text for c in after.critiques] == [c.raw_text for c in direct_b]
+    assert [c.raw_text for c in after.critiques] != [c.raw_text for c in before.critiques]
+    assert ray.get(critic.stats.remote())["swaps"] == 1
 
-    # The rest of the round on the same actor: junk critiques are handled, every output is versioned.
-    critiques_b, corrections_b = ray.get(critic.critique_and_correct.remote(pack(requests)))
-    critiques, corrections = unpack(critiques_b, Critique), unpack(corrections_b, Correction)
-    assert len(critiques) == len(corrections) == len(requests)
-    assert all(c.version == 1 for c in critiques + corrections)
-    for critique, fix in zip(critiques, corrections):
+    # Corrections come from the same version; unparseable critiques get none.
+    assert len(after.corrections) == len(after.critiques)
+    assert all(fix.version == 1 for fix in after.corrections)
+    for critique, fix in zip(after.critiques, after.corrections):
         if not critique.parsed:
             assert fix.text == ""
-    validations = unpack(ray.get(critic.validate.remote(pack([PROBLEM, PROBLEM2]), [GOOD, BAD])), Validation)
-    assert len(validations) == 2 and all(v.version == 1 for v in validations)
-    assert validations[1].answer_matches is False and not validations[1].passed
-    ray.kill(critic)
-    ray.kill(registry)
+    examples = decode(ray.get(validator.validate.remote(encode(after))), ExampleBatch)
+    assert examples.batch_id == 1 and ray.get(validator.version.remote()) == 1
+    assert set(examples.counts) >= {"parsed", "consistent", "validated", "critic_version"}
+    assert [t.stage for t in examples.timings] == ["critique", "validate"]
+    for actor in (critic, validator, registry):
+        ray.kill(actor)
 
 
 def test_solver_actor(ray_session, tiny_models: tuple[str, str]) -> None:
     ray = ray_session
-    solver = solver_actor(tiny_models[0], num_cpus=0.25, backend_options=BACKEND, name="tiny",
-                          samples_per_problem=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=16, seed=3))
-    out = unpack(ray.get(solver.solve.remote(pack([PROBLEM, PROBLEM2]))), Solution)
-    assert [s.problem_id for s in out] == ["p1", "p1", "p2", "p2"]
-    assert all(s.solver == "tiny" and s.version == 0 and isinstance(s.correct, bool) for s in out)
-    assert all(s.correct == ARITH.answers_equal(s.answer, "47" if s.problem_id == "p1" else "14") for s in out)
-    assert ray.get(solver.stats.remote())["items"] == 4
+    solver = start_actor(SolverActor, tiny_models[0], num_cpus=0.25, backend_options=BACKEND, name="tiny",
+                         samples_per_problem=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=16, seed=3))
+    out = decode(ray.get(solver.solve.remote(encode(_batch(4)))), SolutionBatch)
+    assert out.batch_id == 4 and out.solver == "tiny" and [t.stage for t in out.timings] == ["solve"]
+    assert [s.problem_id for s in out.solutions] == ["p1", "p1", "p2", "p2"]
+    assert all(s.solver == "tiny" and s.version == 0 and isinstance(s.correct, bool) for s in out.solutions)
+    assert all(s.correct == ARITH.answers_equal(s.answer, "47" if s.problem_id == "p1" else "14")
+               for s in out.solutions)
+    # The same batch gets the same samples (seeded by batch id), whichever call runs it.
+    again = decode(ray.get(solver.solve.remote(encode(_batch(4)))), SolutionBatch)
+    assert [s.text for s in again.solutions] == [s.text for s in out.solutions]
+    assert ray.get(solver.stats.remote())["items"] == 8
     ray.kill(solver)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from scrit.seed import SEED_MODEL_DIR, model_dir
-from scrit.seed.corpus import DEFAULT_MIX, PHASE2_MIX, arith_split, sample_example
+from scrit.domains.arith import arith_split
+from scrit.seed.corpus import DEFAULT_MIX, PHASE2_MIX, sample_example
 from scrit.seed.tokenizer import build_char_tokenizer
 from scrit.seed.train import SeedRecipe, build_seed, encode_example, phase2_recipe, weighted_lm_loss
 

@@ -221,11 +221,13 @@ def test_corrector_prompt_ends_in_one_marker() -> None:
 
 
 def test_loop_code_uses_no_step_labels() -> None:
-    """Integrity rule: the loop's code never calls the step-label oracle or the seed's teacher critique."""
+    """Integrity rule: the loop's code (roles, stage actors, pipeline, driver, trainer, problem source)
+    never calls the step-label oracle or the seed's teacher critique."""
     root = Path(selfplay.__file__).resolve().parents[1]
-    sources = [inspect.getsource(selfplay)] + [
-        (root / "actors" / name).read_text() for name in ("roles.py", "shells.py", "registry.py")
-    ]
+    loop_files = [root / "scrit" / "problems.py", *sorted((root / "actors").glob("*.py")),
+                  *sorted((root / "train").glob("*.py"))]
+    assert {"pipeline.py", "run.py", "roles.py", "shells.py", "trainer.py"} <= {p.name for p in loop_files}
+    sources = [inspect.getsource(selfplay)] + [path.read_text() for path in loop_files]
     for source in sources:
         assert "first_wrong_step" not in source
         assert "arith_critique" not in source

@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from scrit.actors.registry import WeightRegistry, registry_path  # noqa: E402
+from scrit.actors.registry import WeightRegistry  # noqa: E402
 from scrit.backends.base import Generation, SamplingParams  # noqa: E402
 from scrit.messages import WeightVersion  # noqa: E402
-from scrit.serve.follow import RegistryTail  # noqa: E402
 from scrit.serve.schema import (  # noqa: E402
     ApiError,
     ChatBody,
@@ -65,34 +63,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------------
 # Ray-free
-
-
-def test_registry_tail_reads_appends_waits_for_torn_lines_and_rereads_a_cut_file(tmp_path: Path) -> None:
-    tail = RegistryTail(tmp_path)
-    assert tail.poll() == []  # no file yet
-    path = registry_path(tmp_path)
-    path.parent.mkdir(parents=True)
-    line = lambda v: msgspec.json.encode(WeightVersion(version=v, uri=f"/ckpt/v{v}", checksum="x")) + b"\n"  # noqa: E731
-    path.write_bytes(line(1))
-    assert [v.version for v in tail.poll()] == [1]
-    assert tail.poll() == []
-    torn = line(2)
-    with path.open("ab") as handle:
-        handle.write(line(2)[:10])
-    assert tail.poll() == []  # half a line: wait for the rest
-    with path.open("ab") as handle:
-        handle.write(torn[10:] + b"not json\n" + line(3))
-    assert [v.version for v in tail.poll()] == [2, 3]
-    assert tail.bad_lines == 1
-    path.write_bytes(line(1))  # a resumed run cut the file: read it again
-    assert [v.version for v in tail.poll()] == [1]
-
-
-def test_registry_tail_resolves_relative_uris(tmp_path: Path) -> None:
-    (tmp_path / "versions" / "v0001").mkdir(parents=True)
-    registry_path(tmp_path).write_bytes(
-        msgspec.json.encode(WeightVersion(version=1, uri="elsewhere/v0001", checksum="")) + b"\n")
-    assert RegistryTail(tmp_path).poll()[0].uri == str((tmp_path / "versions" / "v0001").resolve())
 
 
 def _critique_error(body: dict, limits: Limits | None = None) -> ApiError:

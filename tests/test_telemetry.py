@@ -160,7 +160,7 @@ def test_endpoint_requests_and_errors():
 
 
 def test_metered_backend_and_roles_record_under_their_role():
-    from scrit.actors.roles import CriticRole
+    from scrit.actors.roles import Critic
     from scrit.domains.arith import ArithDomain
 
     class Fixed:
@@ -185,7 +185,7 @@ def test_metered_backend_and_roles_record_under_their_role():
     student = Solution(problem_id="p", text="Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}.", steps=["2 + 3 = 5"],
                        answer="5", correct=True, solver="s", version=0)
     before = value("scrit_items_total", role="critic") or 0.0
-    CriticRole(Fixed(), ArithDomain()).critique([CritiqueRequest(problem=problem, solution=student, mode="direct")])
+    Critic(Fixed(), ArithDomain()).critique([CritiqueRequest(problem=problem, solution=student, mode="direct")])
     assert value("scrit_items_total", role="critic") == before + 1
 
 

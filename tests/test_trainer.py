@@ -14,12 +14,13 @@ import pytest
 ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
-from scrit.actors.registry import checkpoint_checksum, weight_registry_actor  # noqa: E402
+from scrit.actors.registry import weight_registry_actor  # noqa: E402
 from scrit.actors.replay_buffer import replay_buffer_actor  # noqa: E402
 from scrit.backends.hf import load_tokenizer  # noqa: E402
 from scrit.config import ResourcesConfig, RunConfig, ScritConfig, TrainConfig  # noqa: E402
 from scrit.messages import TrainingExample  # noqa: E402
-from scrit.train.trainer import deepspeed_config, run_training, version_dir  # noqa: E402
+from scrit.checkpoints import checkpoint_checksum, version_dir  # noqa: E402
+from scrit.train.trainer import deepspeed_config, run_training  # noqa: E402
 
 try:
     from openai_server import save_tiny_model
@@ -74,6 +75,17 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def wait_for_version(registry, version: int, timeout: float = 300):
+    """The registry's latest version once it is >= ``version`` (None after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = ray.get(registry.latest.remote())
+        if latest.version >= version:
+            return latest
+        time.sleep(0.2)
+    return None
+
+
 def check_versions(run_dir: Path, seed_dir: Path, history: list, expect: int) -> None:
     """Versions 1..expect published in order, each a complete, loadable, checksummed checkpoint whose
     weights moved away from the seed (and from the version before)."""
@@ -111,11 +123,11 @@ def test_ddp_two_workers_synchronous_rounds_and_stop(tmp_path: Path, seed_dir: P
 
     def producer() -> None:
         """Plays the self-play producers: version-1 data only after v1 exists, then a stop after v2."""
-        latest = ray.get(registry.wait_for_version.remote(1, timeout=300))
+        wait_for_version(registry, 1)
         time.sleep(3.0)  # the trainer is now starving (v0 data is too stale)
         observed["latest_before_data"] = ray.get(registry.latest.remote()).version
         ray.get(buffer.put.remote(examples(40, version=1)))
-        latest = ray.get(registry.wait_for_version.remote(2, timeout=300))
+        latest = wait_for_version(registry, 2)
         observed["v2"] = latest.version if latest else None
         ray.get(registry.request_stop.remote())
 

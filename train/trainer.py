@@ -13,6 +13,10 @@ version published every ``steps_per_version`` optimizer steps.
    rank then reports metrics through ``ray.train.report``,
 5. stop once the registry holds version ``cfg.run.versions`` or the registry asks for a stop.
 
+A worker that dies (killed, OOM, preempted) makes Ray Train restart the worker group
+(``FailureConfig``, ``faults.train_max_failures``); the loop then starts again at step 2 from the
+registry's latest version, so at most the steps since the last published version are lost.
+
 Each worker samples its own batch with ``current_version`` = the version being trained *from*, so with
 ``buffer.max_staleness = 0`` training after publishing version n waits until producers have made
 version-n data: the paper's synchronous rounds, without any extra coordination.
@@ -37,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from scrit.checkpoints import checkpoint_checksum, version_dir
 from scrit.messages import TrainingExample, WeightVersion
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,24 +50,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from scrit.config import ScritConfig
 
 __all__ = [
+    "TrainerThread",
     "run_training",
     "train_loop_per_worker",
     "build_train_loop_config",
-    "version_dir",
     "deepspeed_config",
 ]
 
 log = logging.getLogger(__name__)
 
-VERSIONS_DIR = "versions"
 SEED_INFO = "seed_info.json"  # marks the seed family (prompt-style detection); carried forward
 TRAIN_INFO = "train_info.json"  # provenance of a published version
 POLL_S = 0.5  # how long a starving worker sleeps before asking the buffer again
-
-
-def version_dir(run_dir: str | os.PathLike[str], version: int) -> Path:
-    """Where version ``version``'s checkpoint lives: ``run_dir/versions/v0001`` etc."""
-    return Path(run_dir).resolve() / VERSIONS_DIR / f"v{version:04d}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def run_training(
     Returns Ray Train's ``Result`` (``result.metrics``: rank 0's last report). The driver runs this in
     a background thread.
     """
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     res = cfg.resources
@@ -145,9 +144,35 @@ def run_training(
             # Unique per call: Ray Train v2 restores a run's state from a same-named directory.
             name=f"{cfg.run.name}-from-v{start_version:04d}-{time.strftime('%Y%m%d-%H%M%S')}",
             worker_runtime_env={"env_vars": env_vars},
+            # A dead worker restarts the whole group, which resumes from the last published version.
+            failure_config=FailureConfig(max_failures=cfg.faults.train_max_failures),
         ),
     )
     return trainer.fit()
+
+
+class TrainerThread:
+    """``run_training`` in a background thread of the driver (``TorchTrainer.fit`` blocks): the driver
+    watches ``done`` and reads ``error`` while the pipeline keeps producing."""
+
+    def __init__(self, cfg: ScritConfig, run_dir: str | os.PathLike[str], buffer_name: str, registry_name: str,
+                 start_version: int, *, namespace: str | None = None, chat_template: bool = False) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        args = (cfg, run_dir, buffer_name, registry_name, start_version)
+        options = {"namespace": namespace, "chat_template": chat_template}
+        self.thread = threading.Thread(target=self._run, args=(args, options), name="scrit-trainer", daemon=True)
+        self.thread.start()
+
+    def _run(self, args: tuple[Any, ...], options: dict[str, Any]) -> None:
+        try:
+            run_training(*args, **options)
+        except BaseException as error:  # noqa: BLE001 - surfaced by the driver
+            self.error = error
+        finally:
+            self.done.set()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,12 +389,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from scrit.actors.registry import checkpoint_checksum
     from scrit.backends.hf import load_tokenizer
     from scrit.train.sft import sft_loss
 
+    from scrit.rundir import record_process
+
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    record_process(config["run_dir"], f"trainer.rank{rank}")  # a restarted worker group shows up again
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(1)  # fractional-CPU workers: more threads only fight each other

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -133,7 +133,7 @@ class HFBackend:
         self.batch_size = batch_size
         self.use_chat_template = use_chat_template
         self.max_prompt_tokens = max_prompt_tokens
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # generate() and the switch in load_weights(); see pinned()
         self.model_path = str(check_model_dir(model_path))
         self._tokenizer = self._load_tokenizer(self.model_path)
         self._model = self._load_model(self.model_path)
@@ -159,6 +159,16 @@ class HFBackend:
     def version(self) -> int:
         return self._version
 
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep the current weights for several ``generate`` calls: a swap waits until the block ends.
+
+        A Serve batch with several sampling settings makes one call per setting; pinning keeps them
+        all on one version (the new weights still load beside the old ones meanwhile).
+        """
+        with self._lock:
+            yield
+
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
@@ -173,6 +183,9 @@ class HFBackend:
         new_tokenizer = None
         if (checked / "tokenizer_config.json").is_file() or (checked / "tokenizer.json").is_file():
             new_tokenizer = self._load_tokenizer(str(checked))
+        with torch.inference_mode():  # first-call costs (allocations, kernel selection) before the switch
+            start = (new_tokenizer or self._tokenizer).bos_token_id or 0
+            new_model(input_ids=torch.tensor([[start]], device=self.device))
         with self._lock:
             old_model = self._model
             self._model = new_model

@@ -7,6 +7,7 @@ Solution lines: ``Step 1: 12 + 5 = 17`` ... then ``The answer is \\boxed{47}.``
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -86,6 +87,27 @@ def generate_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 5) -> 
         ops.append((op, n))
         x = apply(x, op, n)
     return ArithProblem(start, tuple(ops))
+
+
+HELDOUT_BUCKETS = 10  # 1 in 10 problems (by a stable hash of the text) is held out of all training
+
+
+def arith_split(problem_text: str) -> str:
+    """'heldout' for one problem in HELDOUT_BUCKETS (stable hash), else 'train'.
+
+    The seed corpus and the self-play loop train only on 'train' problems; every reported arith score
+    uses 'heldout' problems, which no training step has ever seen.
+    """
+    digest = hashlib.blake2b(problem_text.encode(), digest_size=8).digest()
+    return "heldout" if int.from_bytes(digest, "big") % HELDOUT_BUCKETS == 0 else "train"
+
+
+def generate_split_problem(rng: random.Random, split: str, min_ops: int = 2, max_ops: int = 5) -> ArithProblem:
+    """A random problem from one hash bucket: 'train' (training) or 'heldout' (evaluation only)."""
+    while True:
+        problem = generate_problem(rng, min_ops, max_ops)
+        if arith_split(problem.text) == split:
+            return problem
 
 
 def render_solution(steps: list[str], answer: str | None = None) -> str:

@@ -11,11 +11,11 @@ loop); the self-play loop never sees them.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
 from scrit.domains import arith
+from scrit.domains.arith import generate_split_problem
 from scrit.prompts import critic_prompt, render_critique, solver_prompt
 
 # Corpus mixes (shares of examples), documented in the README. Phase 1 teaches the formats, copying
@@ -25,24 +25,6 @@ DEFAULT_MIX = {"solver": 0.30, "contrastive": 0.63, "direct": 0.07}
 PHASE2_MIX = {"solver": 0.35, "drill": 0.35, "contrastive": 0.23, "direct": 0.07}
 DRILL_HEADER = "Compute each step.\n"
 INCORRECT_SHARE = 0.6  # share of critique examples whose student solution has a wrong step
-HELDOUT_BUCKETS = 10  # 1 in 10 problems (by a stable hash of the text) is held out of all training
-
-
-def arith_split(problem_text: str) -> str:
-    """'heldout' for one problem in HELDOUT_BUCKETS (stable hash), else 'train'.
-
-    The seed corpus and the self-play loop train only on 'train' problems; every reported arith score
-    uses 'heldout' problems, which no training step has ever seen.
-    """
-    digest = hashlib.blake2b(problem_text.encode(), digest_size=8).digest()
-    return "heldout" if int.from_bytes(digest, "big") % HELDOUT_BUCKETS == 0 else "train"
-
-
-def generate_split_problem(rng: random.Random, split: str, min_ops: int = 2, max_ops: int = 5) -> arith.ArithProblem:
-    while True:
-        problem = arith.generate_problem(rng, min_ops, max_ops)
-        if arith_split(problem.text) == split:
-            return problem
 
 
 @dataclass(frozen=True)

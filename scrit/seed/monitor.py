@@ -9,7 +9,8 @@ import torch
 from scrit.domains import arith
 from scrit.parsing import parse_critique
 from scrit.prompts import critic_prompt, solver_prompt
-from scrit.seed.corpus import INCORRECT_SHARE, generate_split_problem
+from scrit.domains.arith import generate_split_problem
+from scrit.seed.corpus import INCORRECT_SHARE
 
 
 @torch.inference_mode()

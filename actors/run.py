@@ -1,0 +1,366 @@
+"""``scrit run``: the driver of one self-play run. It starts, watches and stops; it carries no data.
+
+Read it top to bottom, as a run goes:
+
+1. **Set-up** (``_start``): the run directory, Ray, the weight registry and replay-buffer actors, the
+   producer pipeline (``actors/pipeline.py``: solver -> critic -> validator -> buffer actors), the
+   evaluator, the metrics exporters, the critic endpoint, and Ray Train in a background thread.
+2. **Watch** (``_watch``): keep batches flowing while the buffer has room, log each finished batch
+   (``metrics.jsonl``), score every new version on held-out problems, stop at the last version or
+   the deadline, fail when a component cannot go on.
+3. **Finish** (``_finish``): stop the trainer, let the batches in flight reach the buffer, wait for
+   the evaluations, write ``report.md`` and then ``summary.json`` (``status``: completed |
+   interrupted | failed, the error and its component, the counts). A failure's full traceback goes
+   to ``RUN_DIR/run.log``.
+
+Everything the run produces lives under the run directory (``scrit/rundir.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scrit.config import ScritConfig, config_to_dict, dump_yaml
+from scrit.rundir import (
+    EventLog,
+    RunDirError,
+    interrupts_deferred,
+    prepare_run_dir,
+    process_starts,
+    read_events,
+    write_json_atomic,
+)
+
+__all__ = ["RunDirError", "RunFailed", "SelfPlayRun"]
+
+log = logging.getLogger(__name__)
+
+BUFFER_NAME = "scrit-buffer"
+REGISTRY_NAME = "scrit-registry"
+COUNTS = ("problems", "solutions", "solutions_correct", "critiques", "parsed", "consistent", "validated", "kept")
+
+
+class RunFailed(RuntimeError):
+    """A component failed in a way the run cannot go on from; ``component`` names it."""
+
+    def __init__(self, component: str, error: BaseException | str) -> None:
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        super().__init__(f"{component}: {message}")
+        self.component = component
+        self.message = message
+
+
+class SelfPlayRun:
+    """One ``scrit run``: call :meth:`run` (blocks) and read the returned summary."""
+
+    def __init__(self, cfg: ScritConfig, run_dir: str | Path, resume: bool = False,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir).resolve()
+        self.resume = resume
+        self.on_event = on_event or (lambda event: None)
+        self.started = time.time()
+        self.namespace = f"scrit-{uuid.uuid4().hex[:8]}"
+        self.counts = dict.fromkeys(COUNTS, 0)
+        self.batch_retries = 0
+        self.evals: dict[int, dict[str, Any]] = {}
+        self.pending_evals: dict[Any, int] = {}
+        self.registry: Any = None
+        self.buffer: Any = None
+        self.evaluator: Any = None
+        self.trainer: Any = None
+        self.pipeline: Any = None
+        self.endpoint_url: str | None = None
+        self.metrics_targets: Any = None
+
+    # ====================================================================================== run
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        prepare_run_dir(self.run_dir, self.resume)
+        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        self.events = EventLog(self.run_dir / "metrics.jsonl", self.started)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, namespace=self.namespace,
+                     log_to_driver=False, include_dashboard=False)
+        else:
+            self.namespace = ray.get_runtime_context().namespace
+        status, failure = "completed", None
+        try:
+            self._start()
+            self._watch()
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except Exception as error:  # noqa: BLE001 - every failure ends in summary.json, never a bare traceback
+            status, failure = "failed", error if isinstance(error, RunFailed) else RunFailed("driver", error)
+            self._log_failure(error)
+        return self._finish(status, failure, started_ray)
+
+    # ================================================================================== set-up
+    def _start(self) -> None:
+        import ray
+
+        from scrit.actors.registry import weight_registry_actor
+        from scrit.actors.replay_buffer import buffer_options, replay_buffer_actor
+        from scrit.backends import resolve_model_path
+        from scrit.checkpoints import remove_unpublished_checkpoints
+        from scrit.problems import ProblemSource
+        from scrit.prompts import resolve_prompt_style, use_chat_template
+        from scrit.train.trainer import TrainerThread
+
+        cfg = self.cfg
+        self.seed_uri = resolve_model_path(cfg.critic.model)
+        self.style = resolve_prompt_style(self.seed_uri, cfg.critic.prompt_style)
+        # Instruct models get their chat template, in generation and (same flag) in training.
+        self.chat_template = use_chat_template(self.seed_uri, self.style)
+        if self.resume:
+            remove_unpublished_checkpoints(self.run_dir)  # a killed trainer's half-written versions
+        # Actors restart after a crash and rebuild their state from the run directory's files.
+        restarts = {"max_restarts": cfg.faults.actor_max_restarts, "max_task_retries": cfg.faults.actor_task_retries}
+        self.registry = weight_registry_actor(self.run_dir, self.seed_uri, num_cpus=0.05, name=REGISTRY_NAME,
+                                              actor_options=restarts)
+        self.buffer = replay_buffer_actor(num_cpus=0.05, actor_options={"name": BUFFER_NAME, **restarts},
+                                          run_dir=str(self.run_dir), seed=cfg.run.seed, **buffer_options(cfg.buffer))
+        latest = ray.get(self.registry.latest.remote())
+        events = read_events(self.run_dir / "metrics.jsonl")
+        previous = [e for e in events if e.get("kind") == "batch"]
+        self.evals = {e["version"]: e for e in events if e.get("kind") == "eval"}
+        # A resumed run goes on after the last batch the buffer or the log has seen (the driver may
+        # have died between a batch's put and its log line).
+        last_batch = max([e.get("batch_id", -1) for e in previous] + [ray.get(self.buffer.stats.remote())["last_batch_id"]])
+        from scrit.actors.pipeline import ProducerPipeline
+
+        self.pipeline = ProducerPipeline(
+            cfg, self.run_dir, self.buffer, self.seed_uri, self.style, self.chat_template,
+            ProblemSource(cfg, skip=sum(e.get("problems", 0) for e in previous)), first_batch_id=last_batch + 1,
+            actor_options=restarts)
+        self.evaluator = self._start_evaluator()
+        self.pipeline.wait_ready()
+        if cfg.metrics.enabled:
+            from scrit.actors.metrics_targets import MetricsTargets
+
+            self.metrics_targets = MetricsTargets(self.run_dir, cfg.run.name, self.registry, cfg.metrics.port)
+            self.metrics_targets.add_actors({**self.pipeline.actors(), "buffer": self.buffer,
+                                             "evaluator": self.evaluator})
+            self.metrics_targets.watch()
+        self._start_endpoint()
+        self._schedule_evals(latest.version)
+        self.trainer = TrainerThread(cfg, self.run_dir, BUFFER_NAME, REGISTRY_NAME, latest.version,
+                                     namespace=self.namespace, chat_template=self.chat_template)
+
+    def _start_evaluator(self) -> Any:
+        """The held-out evaluator actor (arith only: the held-out bucket exists for arith problems)."""
+        cfg = self.cfg
+        if cfg.run.heldout_eval_items <= 0 or cfg.domain.name != "arith":
+            return None
+        import msgspec
+        import ray
+
+        from scrit.actors.evaluator import Evaluator
+        from scrit.backends import role_backend
+
+        spec, options = role_backend(self.seed_uri, cfg.critic.backend, device=cfg.critic.device,
+                                     dtype=cfg.critic.dtype, batch_size=cfg.critic.batch_size,
+                                     use_chat_template=self.chat_template, vllm_options=msgspec.structs.asdict(cfg.vllm))
+        remote = ray.remote(Evaluator).options(num_cpus=cfg.resources.actor_num_cpus, num_gpus=cfg.resources.actor_num_gpus,
+                                               max_restarts=cfg.faults.actor_max_restarts,
+                                               max_task_retries=cfg.faults.actor_task_retries)
+        return remote.remote(spec, cfg.run.heldout_eval_items, cfg.domain.heldout_seed, self.style,
+                             cfg.critic.batch_size, cfg.critic.max_new_tokens, backend_options=options,
+                             run_dir=str(self.run_dir))
+
+    def _start_endpoint(self) -> None:
+        """The critic's HTTP endpoint (``serve.enabled``), following this run's versions as they appear.
+
+        Its URL goes to ``RUN_DIR/endpoint.json`` and the live output. A failure to start (say, the
+        port is taken) is reported and the run goes on: the endpoint is a window on the run, and
+        losing it must not cost the training.
+        """
+        if not self.cfg.serve.enabled:
+            return
+        from scrit.serve import start_critic_endpoint
+
+        try:
+            self.endpoint_url = start_critic_endpoint(self.cfg, self.seed_uri, self.run_dir)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            self.on_event(self.events.write("endpoint_error", error=f"{type(error).__name__}: {error}"))
+            return
+        write_json_atomic(self.run_dir / "endpoint.json", {"url": self.endpoint_url})
+        self.on_event(self.events.write("endpoint", url=self.endpoint_url))
+
+    # =================================================================================== watch
+    def _watch(self) -> None:
+        import ray
+
+        from scrit.actors.pipeline import BatchFailed
+
+        cfg = self.cfg
+        deadline = self.started + cfg.run.max_wall_seconds
+        published = -1
+        while True:
+            latest = ray.get(self.registry.latest.remote())
+            if latest.version != published:
+                published = latest.version
+                self.on_event({"kind": "version", "version": latest.version, "target": cfg.run.versions,
+                               "t": round(time.time() - self.started, 1)})
+            self._schedule_evals(latest.version)
+            self._collect_evals()
+            if latest.version >= cfg.run.versions:
+                return
+            if self.trainer.done.is_set():
+                raise RunFailed("trainer", self.trainer.error or "stopped before the last version")
+            if time.time() > deadline:
+                self.events.write("stop", reason="max_wall_seconds")
+                return
+            self.pipeline.fill(ray.get(self.buffer.room.remote()))
+            try:
+                reports = self.pipeline.collect(timeout=1.0)
+            except BatchFailed as error:
+                raise RunFailed(error.component, error.error) from error
+            for retry in self.pipeline.retries:
+                self.batch_retries += 1
+                self.on_event(self.events.write("retry", **retry))
+            self.pipeline.retries.clear()
+            for report in reports:
+                self._record_batch(report, latest.version)
+
+    def _record_batch(self, report: dict[str, Any], latest_version: int) -> None:
+        for key in COUNTS:
+            self.counts[key] += report.get(key, 0)
+        consistent = report.get("consistent", 0)
+        event = self.events.write(
+            "batch", **{k: v for k, v in report.items() if k != "timings"},
+            pass_rate=report.get("validated", 0) / consistent if consistent else None,
+            latest_version=latest_version, in_flight=len(self.pipeline.in_flight), totals=dict(self.counts),
+            stages={t["stage"]: round(t["end"] - t["start"], 2) for t in report.get("timings", [])},
+            tokens=sum(t.get("tokens", 0) for t in report.get("timings", [])),
+        )
+        self.on_event(event)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _schedule_evals(self, latest_version: int) -> None:
+        """Queue a held-out evaluation for every version not yet scored (only the seed and the latest
+        with ``run.eval_every_version: false``)."""
+        if self.evaluator is None:
+            return
+        import ray
+
+        queued = set(self.pending_evals.values())
+        for version in range(0, latest_version + 1):
+            if version in self.evals or version in queued:
+                continue
+            if version not in (0, latest_version) and not self.cfg.run.eval_every_version:
+                continue
+            weights = ray.get(self.registry.get.remote(version))
+            self.pending_evals[self.evaluator.evaluate_version.remote(version, weights.uri)] = version
+
+    def _collect_evals(self, wait: bool = False) -> None:
+        import ray
+
+        while self.pending_evals:
+            ready, _ = ray.wait(list(self.pending_evals), num_returns=1, timeout=None if wait else 0)
+            if not ready:
+                return
+            version = self.pending_evals.pop(ready[0])
+            try:
+                scores = ray.get(ready[0])
+            except Exception as error:  # noqa: BLE001
+                raise RunFailed("evaluator", error) from error
+            self.evals[version] = self.events.write("eval", **scores)
+            self.on_event(self.evals[version])
+
+    # ================================================================================== finish
+    def _finish(self, status: str, failure: RunFailed | None, started_ray: bool) -> dict[str, Any]:
+        import ray
+
+        summary: dict[str, Any] = {}
+        try:
+            if self.trainer is not None:
+                ray.get(self.registry.request_stop.remote())
+                self.trainer.done.wait(timeout=120)
+            if self.pipeline is not None and status != "failed":
+                for report in self.pipeline.drain(timeout=60 if status == "completed" else 10):
+                    self._record_batch(report, -1)
+            latest = ray.get(self.registry.latest.remote()) if self.registry is not None else None
+            if status == "completed" and latest is not None:
+                self._schedule_evals(latest.version)
+                self._collect_evals(wait=True)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except Exception as error:  # noqa: BLE001 - finishing must still write the summary
+            self._log_failure(error)
+            if failure is None:
+                status, failure = "failed", error if isinstance(error, RunFailed) else RunFailed("driver", error)
+            latest = None
+        try:
+            with interrupts_deferred():  # a Ctrl-C now waits until the report and summary are written
+                summary = self._summary(latest, status, failure)
+            if self.endpoint_url and self.cfg.run.keep_serving and status == "completed":
+                self._serve_until_interrupted()
+        except KeyboardInterrupt:
+            if not summary:  # Ctrl-C before the run's outputs were written: the caller sees it
+                raise
+            # Ctrl-C once summary.json exists (e.g. the moment --keep-serving begins): the run is complete.
+        finally:
+            if self.metrics_targets is not None:
+                self.metrics_targets.stop()
+            if self.endpoint_url:
+                from scrit.serve import stop_critic_endpoint
+
+                stop_critic_endpoint()  # also when joining a cluster, where ray.shutdown() would leave it up
+            if started_ray:
+                ray.shutdown()
+        return summary
+
+    def _serve_until_interrupted(self) -> None:
+        """``run.keep_serving``: the run is over but its endpoint stays up (final version) until Ctrl-C."""
+        try:
+            self.on_event({"kind": "serving", "url": self.endpoint_url})
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+
+    def _log_failure(self, error: BaseException) -> None:
+        """The full traceback goes to ``RUN_DIR/run.log``; the screen gets one line (``scrit run``)."""
+        with open(self.run_dir / "run.log", "a", encoding="utf-8") as handle:
+            handle.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} failure\n")
+            handle.write("".join(traceback.format_exception(error)))
+
+    def _summary(self, latest: Any, status: str, failure: RunFailed | None) -> dict[str, Any]:
+        from scrit.report import write_report
+
+        summary = {
+            "run_name": self.cfg.run.name,
+            "status": status,
+            "error": None if failure is None else {"component": failure.component, "message": failure.message},
+            "versions": latest.version if latest is not None else None,
+            "seed_model": getattr(self, "seed_uri", self.cfg.critic.model),
+            "final_model": latest.uri if latest is not None else None,
+            "wall_seconds": round(time.time() - self.started, 1),
+            "interrupted": status == "interrupted",
+            "resumed": self.resume,
+            "validator_enabled": self.cfg.validator.enabled,
+            "require_answer_match": self.cfg.validator.require_answer_match,
+            "require_verdict_match": self.cfg.validator.require_verdict_match,
+            "endpoint": self.endpoint_url,
+            "counts": self.counts,
+            "restarts": {name: len(pids) - 1 for name, pids in process_starts(self.run_dir, self.started).items()
+                         if len(pids) > 1},
+            "batch_retries": self.batch_retries,
+            "train": read_events(self.run_dir / "train_metrics.jsonl"),
+            "evals": [self.evals[v] for v in sorted(self.evals)],
+            "config": config_to_dict(self.cfg, redact=True),
+        }
+        # summary.json marks a finished run (scripts and tests wait for it): written last, and whole.
+        write_report(self.run_dir, summary)
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary

@@ -1,0 +1,323 @@
+"""Checkpoints and the version registry on disk, and the one way to follow them (DESIGN.md §8).
+
+A run publishes critic versions as HF checkpoint directories ``RUN_DIR/versions/vNNNN`` plus one
+fsynced JSON line per ``WeightVersion`` in ``RUN_DIR/versions/registry.jsonl``. That file alone says
+which versions exist, for a running run and a finished one, from any process, with no Ray handle:
+
+* ``checkpoint_checksum`` is what a version's ``checksum`` records (and what subscribers verify);
+* ``read_registry`` loads the whole file (the registry actor, on start and restart);
+* ``RegistryTail`` reads only what was appended since its last poll;
+* ``VersionFollower`` keeps one inference backend on the newest published version that loads. Every
+  subscriber uses it: the critic, corrector and validator actors between batches, and every Serve
+  replica in a background thread. A version whose checkpoint does not match its checksum, or does
+  not load, is logged, counted and never tried again; the backend keeps what it has.
+
+Ray-free, so all of it runs and is tested in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from scrit import telemetry
+from scrit.messages import WeightVersion
+
+__all__ = [
+    "RegistryError",
+    "RegistryTail",
+    "VersionFollower",
+    "checkpoint_checksum",
+    "read_registry",
+    "registry_path",
+    "remove_unpublished_checkpoints",
+    "resolve_uri",
+    "version_dir",
+    "verify_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+VERSIONS_DIR = "versions"
+_CHUNK = 1 << 20
+
+
+class RegistryError(ValueError):
+    """``registry.jsonl`` is corrupt beyond a torn last line; the message names the file and byte."""
+
+
+def registry_path(run_dir: str | os.PathLike[str]) -> Path:
+    """Where a run's published versions are recorded."""
+    return Path(run_dir) / VERSIONS_DIR / "registry.jsonl"
+
+
+def version_dir(run_dir: str | os.PathLike[str], version: int) -> Path:
+    """Where version ``version``'s checkpoint lives: ``run_dir/versions/v0001`` etc."""
+    return Path(run_dir).resolve() / VERSIONS_DIR / f"v{version:04d}"
+
+
+def checkpoint_checksum(directory: str | os.PathLike[str]) -> str:
+    """sha256 over a checkpoint's weights and config: ``*.safetensors`` (sorted by name) + config.json.
+
+    Each file contributes its name and size before its bytes, so renaming or splitting shards
+    changes the digest. Tokenizer and optimizer files are left out: they do not change what the
+    weights compute, and hashing them would only cost time. Raises FileNotFoundError when the
+    directory has neither weights nor config.
+    """
+    root = Path(directory)
+    files = sorted(root.glob("*.safetensors"), key=lambda p: p.name)
+    if (root / "config.json").is_file():
+        files.append(root / "config.json")
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or config.json in {str(root)!r}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def verify_checkpoint(version: WeightVersion) -> None:
+    """Raise ValueError unless ``version.uri`` holds the checkpoint its checksum names.
+
+    Guards subscribers against a checkpoint that is still being written, was overwritten or lost a
+    file. A URI that is not a local directory (an HTTP server owns its weights) is not checked.
+    """
+    if not version.checksum or version.uri.startswith(("http://", "https://")):
+        return
+    if not Path(version.uri).is_dir():
+        raise ValueError(f"checkpoint directory of version {version.version} is missing: {version.uri}")
+    try:
+        actual = checkpoint_checksum(version.uri)
+    except OSError as error:
+        raise ValueError(f"checkpoint of version {version.version} unreadable: {error}") from error
+    if actual != version.checksum:
+        raise ValueError(f"checksum mismatch for version {version.version} at {version.uri!r}: "
+                         f"published {version.checksum}, found {actual}")
+
+
+def read_registry(run_dir: str | os.PathLike[str]) -> list[WeightVersion]:
+    """Every version a run published, oldest first (the seed, version 0, is never in the file).
+
+    A torn last line (a crash mid-write: ``publish`` had not returned, so nobody relied on it) is cut
+    off the file; a complete last record without its newline gets one. A bad line anywhere else is
+    corruption: RegistryError names the file and byte offset. Versions must increase strictly.
+    """
+    path = registry_path(run_dir)
+    if not path.is_file():
+        return []
+    decoder = msgspec.json.Decoder(WeightVersion)
+    data = path.read_bytes()
+    out: list[WeightVersion] = []
+    offset = 0
+    for line in data.splitlines(keepends=True):
+        start, offset = offset, offset + len(line)
+        if not line.strip():
+            continue
+        try:
+            version = decoder.decode(line)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            if data[offset:].strip():
+                raise RegistryError(f"{path}: byte {start}: not a WeightVersion: {error}") from error
+            log.warning("%s: cutting off a torn last line (%s)", path, error)
+            _truncate(path, start)
+            return out
+        if out and version.version <= out[-1].version:
+            raise RegistryError(f"{path}: byte {start}: version {version.version} does not follow "
+                                f"{out[-1].version}")
+        out.append(version)
+    if data and not data.endswith(b"\n"):
+        with path.open("ab") as handle:  # or the next publish would be glued onto the last record
+            handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    return out
+
+
+def _truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as handle:
+        handle.truncate(size)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def append_registry(run_dir: str | os.PathLike[str], version: WeightVersion) -> None:
+    """Append one version durably (fsynced before returning)."""
+    path = registry_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as handle:
+        handle.write(msgspec.json.encode(version) + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def remove_unpublished_checkpoints(run_dir: str | os.PathLike[str]) -> list[str]:
+    """Delete what a killed trainer left behind: ``.vNNNN.tmp-*`` / ``.vNNNN.stale-*`` directories and
+    ``vNNNN`` directories newer than the last published version (written, never published).
+
+    Only for a run whose trainer is not running (``--resume`` calls it before training starts).
+    Returns the names removed.
+    """
+    root = Path(run_dir) / VERSIONS_DIR
+    if not root.is_dir():
+        return []
+    last = max((v.version for v in read_registry(run_dir)), default=0)
+    removed = []
+    for entry in sorted(root.iterdir()):
+        leftover = entry.name.startswith(".v") and (".tmp-" in entry.name or ".stale-" in entry.name)
+        unpublished = entry.name.startswith("v") and entry.name[1:].isdigit() and int(entry.name[1:]) > last
+        if entry.is_dir() and (leftover or unpublished):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if removed:
+        log.warning("removed checkpoints that were never published: %s", ", ".join(removed))
+    return removed
+
+
+def resolve_uri(uri: str, run_dir: str | os.PathLike[str]) -> str:
+    """An absolute checkpoint path for ``uri``.
+
+    The trainer records absolute paths; a relative one (written by a driver in another working
+    directory) is taken relative to the run's ``versions/`` directory when that is where it exists.
+    """
+    path = Path(uri)
+    if path.is_absolute() or uri.startswith(("http://", "https://")):
+        return uri
+    if path.exists():
+        return str(path.resolve())
+    candidate = Path(run_dir) / VERSIONS_DIR / path.name
+    return str(candidate.resolve()) if candidate.exists() else uri
+
+
+class RegistryTail:
+    """Incremental reader of one registry file; ``poll()`` returns the versions appended since last time.
+
+    * a last line without its newline is a publish still being written: it is left for the next poll;
+    * a line that does not decode is logged, counted in ``bad_lines`` and skipped;
+    * a file that shrank (a resumed run cut off a torn last line) is read again from the start;
+      callers filter versions they already have by number.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = registry_path(self.run_dir)
+        self._offset = 0
+        self._partial = b""
+        self._decoder = msgspec.json.Decoder(WeightVersion)
+        self.bad_lines = 0
+
+    def poll(self) -> list[WeightVersion]:
+        """Versions appended since the previous call, oldest first (absolute URIs)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []  # no version published yet (or the run has not created its directory)
+        if size < self._offset:
+            log.warning("%s shrank from %d to %d bytes; reading it again", self.path, self._offset, size)
+            self._offset, self._partial = 0, b""
+        if size == self._offset:
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read(size - self._offset)
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # b"" when the data ended with a newline
+        out = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                version = self._decoder.decode(line)
+            except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                self.bad_lines += 1
+                log.error("%s: skipping a line that is not a WeightVersion: %s", self.path, error)
+                continue
+            out.append(msgspec.structs.replace(version, uri=resolve_uri(version.uri, self.run_dir)))
+        return out
+
+
+class VersionFollower:
+    """Keeps ``backend`` on the newest version published in ``run_dir`` that verifies and loads.
+
+    ``poll()`` is cheap when nothing is new (one ``stat``). When versions are waiting it tries the
+    newest first: verify the checksum, then ``backend.load_weights`` (which swaps atomically: HF loads
+    beside and switches a reference, vLLM reloads in place after the batch in flight). A version that
+    fails is rejected for good (logged, ``swap_errors``), and the next newest is tried. ``role`` labels
+    the Prometheus series (``scrit_swap_seconds``, ``scrit_critic_version``).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], backend: Any, role: str, *,
+                 verify_checksum: bool = True) -> None:
+        self.tail = RegistryTail(run_dir)
+        self.backend = backend
+        self.role = role
+        self.verify_checksum = verify_checksum
+        self._pending: dict[int, WeightVersion] = {}
+        self._lock = threading.Lock()
+        self.rejected: set[int] = set()
+        self.swaps = 0
+        self.swap_errors = 0
+        self.swap_latencies: deque[float] = deque(maxlen=100)  # seconds per completed swap, newest last
+        self.history: deque[dict[str, Any]] = deque(maxlen=50)
+        self.since: dict[int, float] = {backend.version: time.time()}
+
+    @property
+    def version(self) -> int:
+        return self.backend.version
+
+    def poll(self) -> bool:
+        """Swap to the newest new version that loads; True if the backend changed version."""
+        with self._lock:
+            for version in self.tail.poll():
+                if version.version > self.backend.version and version.version not in self.rejected:
+                    self._pending[version.version] = version
+            for number in sorted(self._pending, reverse=True):
+                version = self._pending.pop(number)
+                if number <= self.backend.version:
+                    continue
+                if self._load(version):
+                    self._pending = {n: v for n, v in self._pending.items() if n > number}
+                    return True
+            return False
+
+    def _load(self, version: WeightVersion) -> bool:
+        previous = self.backend.version
+        started = time.perf_counter()
+        try:
+            if self.verify_checksum:
+                verify_checkpoint(version)
+            self.backend.load_weights(version.version, version.uri)
+        except Exception as error:  # noqa: BLE001 - a broken checkpoint must not stop the subscriber
+            self.rejected.add(version.version)
+            self.swap_errors += 1
+            telemetry.count_swap_error(self.role)
+            log.error("%s: critic version %d (%s) rejected, staying on %d: %s", self.role, version.version,
+                      version.uri, previous, error)
+            return False
+        seconds = time.perf_counter() - started
+        now = time.time()
+        self.swaps += 1
+        self.swap_latencies.append(seconds)
+        self.since[version.version] = now
+        self.history.append({"version": version.version, "from": previous, "since": now,
+                             "load_s": round(seconds, 4), "published_at": version.created_at or None})
+        telemetry.observe_swap(self.role, version, now=now)
+        log.info("%s now on critic version %d (was %d; %.2fs)", self.role, version.version, previous, seconds)
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {"version": self.backend.version, "swaps": self.swaps, "swap_errors": self.swap_errors,
+                "rejected": sorted(self.rejected), "bad_registry_lines": self.tail.bad_lines,
+                "last_swap_s": self.swap_latencies[-1] if self.swap_latencies else None}

@@ -1,0 +1,134 @@
+"""The checkpoint and registry format (``scrit.checkpoints``) and the one version subscriber.
+
+``VersionFollower`` is what every critic-following role and every Serve replica uses, so its one
+behaviour is tested here once, with a backend that records what it loads: newest version first, a
+checkpoint that fails its checksum or does not load is rejected for good, and the backend keeps what
+it has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from scrit.actors.registry import WeightRegistry
+from scrit.checkpoints import (
+    RegistryError,
+    RegistryTail,
+    VersionFollower,
+    checkpoint_checksum,
+    read_registry,
+    registry_path,
+    remove_unpublished_checkpoints,
+)
+from scrit.messages import WeightVersion
+
+
+def _checkpoint(path: Path, weights: bytes) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def _line(version: int) -> bytes:
+    return msgspec.json.encode(WeightVersion(version=version, uri=f"/ckpt/v{version}", checksum="x", created_at=1.0)) + b"\n"
+
+
+class Recording:
+    """A backend that loads by reading the checkpoint's weights file; ``fail`` makes loads raise."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.loaded: list[int] = []
+        self.fail: set[int] = set()
+
+    def load_weights(self, version: int, path: str) -> None:
+        if version in self.fail:
+            raise OSError(f"corrupt safetensors in {path}")
+        (Path(path) / "model.safetensors").read_bytes()
+        self.loaded.append(version)
+        self.version = version
+
+
+def test_registry_tail_reads_appends_waits_for_torn_lines_and_rereads_a_cut_file(tmp_path: Path) -> None:
+    tail = RegistryTail(tmp_path)
+    assert tail.poll() == []  # no file yet
+    path = registry_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_line(1))
+    assert [v.version for v in tail.poll()] == [1]
+    assert tail.poll() == []
+    with path.open("ab") as handle:
+        handle.write(_line(2)[:10])
+    assert tail.poll() == []  # half a line: wait for the rest
+    with path.open("ab") as handle:
+        handle.write(_line(2)[10:] + b"not json\n" + _line(3))
+    assert [v.version for v in tail.poll()] == [2, 3]
+    assert tail.bad_lines == 1
+    path.write_bytes(_line(1))  # a resumed run cut the file: read it again
+    assert [v.version for v in tail.poll()] == [1]
+
+
+def test_registry_tail_resolves_relative_uris(tmp_path: Path) -> None:
+    (tmp_path / "versions" / "v0001").mkdir(parents=True)
+    registry_path(tmp_path).write_bytes(
+        msgspec.json.encode(WeightVersion(version=1, uri="elsewhere/v0001", checksum="")) + b"\n")
+    assert RegistryTail(tmp_path).poll()[0].uri == str((tmp_path / "versions" / "v0001").resolve())
+
+
+def test_read_registry_cuts_a_torn_tail_and_names_corruption(tmp_path: Path) -> None:
+    path = registry_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_line(1) + _line(2) + _line(3)[:15])
+    assert [v.version for v in read_registry(tmp_path)] == [1, 2]
+    assert path.read_bytes() == _line(1) + _line(2)  # the torn line is gone, the rest untouched
+    path.write_bytes(_line(1) + b"garbage\n" + _line(2))
+    with pytest.raises(RegistryError, match=rf"{path}: byte {len(_line(1))}"):
+        read_registry(tmp_path)
+    path.write_bytes(_line(2) + _line(1))
+    with pytest.raises(RegistryError, match="version 1 does not follow 2"):
+        read_registry(tmp_path)
+
+
+def test_follower_takes_the_newest_version_that_loads_and_never_retries_a_bad_one(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    registry = WeightRegistry(run, _checkpoint(tmp_path / "seed", b"seed"))
+    backend = Recording()
+    follower = VersionFollower(run, backend, "critic")
+    assert not follower.poll() and backend.version == 0
+
+    def publish(version: int, weights: bytes, checksum: str | None = None) -> Path:
+        path = _checkpoint(run / "versions" / f"v{version:04d}", weights)
+        registry.publish(WeightVersion(version=version, uri=str(path), checksum=checksum or checkpoint_checksum(path)))
+        return path
+
+    publish(1, b"one")
+    publish(2, b"two")
+    assert follower.poll() and backend.loaded == [2]  # the newest, not every version in turn
+    publish(3, b"three", checksum="sha256:" + "0" * 64)  # bytes that do not match the published checksum
+    assert not follower.poll() and backend.version == 2
+    missing = publish(4, b"four")
+    (missing / "model.safetensors").unlink()  # a checkpoint that lost its weights file
+    backend.fail.add(5)
+    publish(5, b"five")  # verifies, but the backend cannot load it
+    assert not follower.poll() and backend.version == 2
+    assert follower.stats()["swap_errors"] == 3 and follower.stats()["rejected"] == [3, 4, 5]
+    publish(6, b"six")
+    publish(7, b"seven", checksum="sha256:bad")
+    assert follower.poll() and backend.version == 6  # 7 fails, so the next newest that loads
+    assert not follower.poll()  # nothing is retried
+    assert backend.loaded == [2, 6] and follower.swaps == 2 and follower.stats()["rejected"] == [3, 4, 5, 7]
+
+
+def test_unpublished_checkpoints_are_removed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    registry = WeightRegistry(run, _checkpoint(tmp_path / "seed", b"seed"))
+    v1 = _checkpoint(run / "versions" / "v0001", b"one")
+    registry.publish(WeightVersion(version=1, uri=str(v1), checksum=checkpoint_checksum(v1)))
+    _checkpoint(run / "versions" / ".v0002.tmp-1234abcd", b"half")  # killed mid-write
+    _checkpoint(run / "versions" / "v0002", b"two")  # renamed into place, never published
+    assert sorted(remove_unpublished_checkpoints(run)) == [".v0002.tmp-1234abcd", "v0002"]
+    assert sorted(p.name for p in (run / "versions").iterdir()) == ["registry.jsonl", "v0001"]
