@@ -111,7 +111,7 @@ class ProducerPipeline:
             solver_spec, solver_options = role_backend(
                 model, spec.backend, device=spec.device, dtype=spec.dtype, batch_size=cfg.critic.batch_size,
                 use_chat_template=use_chat_template(model, solver_style), vllm_options=vllm)
-            name = f"solver{index}"
+            name = f"solver{index}-{Path(spec.model).name}"  # e.g. solver0-careless: reports say which model
             roles[name] = RoleActors(name, [start_actor(
                 SolverActor, solver_spec, **place, name=name, actor_name=f"{name}.{k}", run_dir=str(run_dir),
                 domain=cfg.domain.name,

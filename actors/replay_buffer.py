@@ -299,6 +299,7 @@ class ReplayBuffer:
                 "retired": sum(1 for n in self._draws.values() if self.max_reuse and n >= self.max_reuse),
                 "log_bytes": self._log.size,
                 "torn_bytes": self._log.torn_bytes,
+                "torn_path": str(self._log.torn_path) if self._log.torn_path else None,
             }
 
     def metrics_url(self, run: str, port: int = 0) -> str:

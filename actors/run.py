@@ -111,7 +111,7 @@ class SelfPlayRun:
         from scrit.actors.registry import weight_registry_actor
         from scrit.actors.replay_buffer import buffer_options, replay_buffer_actor
         from scrit.backends import resolve_model_path
-        from scrit.checkpoints import remove_unpublished_checkpoints
+        from scrit.checkpoints import RegistryError, read_registry, remove_unpublished_checkpoints
         from scrit.problems import ProblemSource
         from scrit.prompts import resolve_prompt_style, use_chat_template
         from scrit.train.trainer import TrainerThread
@@ -122,6 +122,10 @@ class SelfPlayRun:
         # Instruct models get their chat template, in generation and (same flag) in training.
         self.chat_template = use_chat_template(self.seed_uri, self.style)
         if self.resume:
+            try:  # a corrupt registry names its file and byte here, before any actor depends on it
+                read_registry(self.run_dir)
+            except RegistryError as error:
+                raise RunFailed("registry", error) from error
             remove_unpublished_checkpoints(self.run_dir)  # a killed trainer's half-written versions
         # Actors restart after a crash and rebuild their state from the run directory's files.
         restarts = {"max_restarts": cfg.faults.actor_max_restarts, "max_task_retries": cfg.faults.actor_task_retries}
@@ -130,12 +134,16 @@ class SelfPlayRun:
         self.buffer = replay_buffer_actor(num_cpus=0.05, actor_options={"name": BUFFER_NAME, **restarts},
                                           run_dir=str(self.run_dir), seed=cfg.run.seed, **buffer_options(cfg.buffer))
         latest = ray.get(self.registry.latest.remote())
+        buffer_stats = ray.get(self.buffer.stats.remote())
+        if buffer_stats["torn_bytes"]:  # a crash mid-append: the torn tail was cut off and kept aside
+            self.on_event(self.events.write("buffer_repaired", torn_bytes=buffer_stats["torn_bytes"],
+                                            kept_aside=buffer_stats["torn_path"], examples=buffer_stats["total_appended"]))
         events = read_events(self.run_dir / "metrics.jsonl")
         previous = [e for e in events if e.get("kind") == "batch"]
         self.evals = {e["version"]: e for e in events if e.get("kind") == "eval"}
         # A resumed run goes on after the last batch the buffer or the log has seen (the driver may
         # have died between a batch's put and its log line).
-        last_batch = max([e.get("batch_id", -1) for e in previous] + [ray.get(self.buffer.stats.remote())["last_batch_id"]])
+        last_batch = max([e.get("batch_id", -1) for e in previous] + [buffer_stats["last_batch_id"]])
         from scrit.actors.pipeline import ProducerPipeline
 
         self.pipeline = ProducerPipeline(
@@ -336,7 +344,7 @@ class SelfPlayRun:
             handle.write("".join(traceback.format_exception(error)))
 
     def _summary(self, latest: Any, status: str, failure: RunFailed | None) -> dict[str, Any]:
-        from scrit.report import write_report
+        from scrit.report import kept_error_kinds, write_report
 
         summary = {
             "run_name": self.cfg.run.name,
@@ -356,6 +364,7 @@ class SelfPlayRun:
             "restarts": {name: len(pids) - 1 for name, pids in process_starts(self.run_dir, self.started).items()
                          if len(pids) > 1},
             "batch_retries": self.batch_retries,
+            "kept_error_kinds": kept_error_kinds(self.run_dir) if self.cfg.domain.name == "arith" else {},
             "train": read_events(self.run_dir / "train_metrics.jsonl"),
             "evals": [self.evals[v] for v in sorted(self.evals)],
             "config": config_to_dict(self.cfg, redact=True),

@@ -98,13 +98,19 @@ def _print_table(result: dict) -> None:
 @app.command("seed")
 def seed_command(
     out: Optional[Path] = typer.Option(None, help="output directory (default: the shipped seed_model directory)"),
+    solver_out: Optional[Path] = typer.Option(None, help="careless solver output (default: the shipped "
+                                                          "solver_models/careless directory)"),
+    from_phase: int = typer.Option(1, help="start at this phase (2 or 3 need --init: the previous phase's checkpoint)"),
+    init: Optional[Path] = typer.Option(None, help="checkpoint to continue from when --from-phase > 1"),
     probe_every: int = typer.Option(1000, help="checkpoint and probe held-out accuracy every N steps"),
 ) -> None:
-    """Rebuild the seed critic from scratch on the generated arith corpus (two phases; see the README)."""
-    from scrit.seed import SEED_MODEL_DIR
+    """Rebuild the seed critic (three phases) and the careless solver from scratch (see the README)."""
+    from scrit.seed import SEED_MODEL_DIR, SOLVER_MODEL_DIRS
     from scrit.seed.train import build_seed
 
     target = out or SEED_MODEL_DIR
+    if from_phase > 1 and (init is None or not (init / "config.json").is_file()):
+        _fail(f"--from-phase {from_phase} needs --init DIR, the checkpoint of phase {from_phase - 1}")
 
     def probe(path: Path, step: int) -> None:
         from transformers import AutoModelForCausalLM
@@ -116,8 +122,9 @@ def seed_command(
         scores = run_probe(model, load_tokenizer(path))
         typer.echo(f"probe at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
 
-    build_seed(target, log=lambda line: typer.echo(line), checkpoint_every=probe_every, on_checkpoint=probe)
-    typer.echo(f"seed model written to {target}")
+    build_seed(target, solver_out or SOLVER_MODEL_DIRS["careless"], start_phase=from_phase, init_from=init,
+               log=lambda line: typer.echo(line), checkpoint_every=probe_every, on_checkpoint=probe)
+    typer.echo(f"seed model written to {target}; careless solver to {solver_out or SOLVER_MODEL_DIRS['careless']}")
 
 
 @app.command("run")

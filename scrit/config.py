@@ -157,6 +157,9 @@ class TrainConfig(_Section):
     bf16: bool = True  # bf16 autocast is ~1.6x faster than fp32 on the dev CPUs
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    # cosine | linear: decay to 0 at versions x steps_per_version (a steady final version);
+    # constant: keep the rate after the warm-up
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     max_grad_norm: float = 1.0
 
 
@@ -527,6 +530,7 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     at_least("train.weight_decay", train.weight_decay, 0)
     at_least("train.warmup_steps", train.warmup_steps, 0)
     positive("train.max_grad_norm", train.max_grad_norm)
+    one_of("train.lr_schedule", train.lr_schedule, ("constant", "linear", "cosine"))
 
     for name in msgspec.structs.fields(ResourcesConfig):
         if name.name != "serve_replicas":

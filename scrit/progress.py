@@ -67,5 +67,11 @@ class RunDisplay:
                                "it follows every new version)")
         elif kind == "endpoint_error":
             self.console.print(f"[bold red]critic endpoint not started[/]: {event['error']} (the run goes on)")
+        elif kind == "retry":
+            self.console.print(f"[bold yellow]batch {event['batch_id']} sent again[/] ({event['component']} died: "
+                               f"{event['error']})")
+        elif kind == "buffer_repaired":
+            self.console.print(f"[bold yellow]replay buffer[/]: a torn tail of {event['torn_bytes']} bytes was cut "
+                               f"off and kept in {event['kept_aside']}; {event['examples']} examples loaded")
         elif kind == "serving":
             self.console.print(f"run finished; still serving the final critic at {event['url']} (Ctrl-C to stop)")

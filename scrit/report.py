@@ -3,6 +3,8 @@
 ``metrics.jsonl`` holds one JSON object per event, each with ``kind`` and ``t`` (seconds since the
 run started): ``batch`` (one pass of the self-play pipeline: pass rate, buffer size) and ``eval``
 (held-out scores of one version); the trainer writes its loss per version to ``train_metrics.jsonl``.
+The report also shows what the critic trained on: the kept examples' error kinds per solver (arith),
+read from the buffer log, so a user sees whether the data covers the mistakes the held-out set has.
 """
 
 from __future__ import annotations
@@ -12,6 +14,33 @@ from pathlib import Path
 from typing import Any
 
 from scrit.rundir import read_events
+
+
+def kept_error_kinds(run_dir: str | Path) -> dict[str, dict[str, int]]:
+    """Per solver, the kept examples by the student's error kind: ``none`` (a correct solution) or
+    ``result`` / ``operand`` / ``operation`` / ``number`` / ``other`` (``scrit.domains.arith.error_kind``).
+
+    Arith only (other domains have no step structure to classify); a report, never loop input.
+    """
+    from scrit.actors.replay_buffer import buffer_log_path
+    from scrit.domains import arith
+    from scrit.messages import TrainingExample
+    from scrit.replay_log import RecordLog
+
+    path = buffer_log_path(run_dir)
+    if not path.is_file():
+        return {}
+    mix: dict[str, dict[str, int]] = {}
+    for example in RecordLog(path, expected=TrainingExample, readonly=True).read_all():
+        try:
+            problem = arith.parse_problem(example.prompt.split("Problem: ", 1)[1].split("\n", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        student = example.prompt.split("Student:\n", 1)[-1]
+        kind = arith.error_kind(problem, arith.split_steps(student))
+        counts = mix.setdefault(example.solver or "unknown", {})
+        counts[kind] = counts.get(kind, 0) + 1
+    return mix
 
 
 def _plot(path: Path, title: str, xlabel: str, series: dict[str, tuple[list[float], list[float]]],
@@ -63,12 +92,17 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
         plots.append(("Trainer loss", "train_loss.png"))
 
     lines = [f"# scrit run report: {summary.get('run_name', run_dir.name)}", ""]
-    lines += [f"- versions published: {summary.get('versions')}",
+    error = summary.get("error")
+    lines += [f"- status: **{summary.get('status', 'completed')}**"
+              + (f" (in {error['component']}: {error['message']}; traceback in run.log)" if error else ""),
+              f"- versions published: {summary.get('versions')}",
               f"- seed model: `{summary.get('seed_model')}`",
               f"- final model: `{summary.get('final_model')}`",
               f"- wall time: {summary.get('wall_seconds', 0):.0f} s",
               f"- validator: {'on' if summary.get('validator_enabled') else 'off'}"
-              f" (answer match required: {summary.get('require_answer_match')})", ""]
+              f" (answer match required: {summary.get('require_answer_match')})",
+              f"- restarts: {summary.get('restarts') or 'none'}; batches sent again: {summary.get('batch_retries', 0)}",
+              ""]
     if evals:
         lines += ["## Held-out evaluation (direct critique, problems never trained on)", "",
                   "| version | n | EI-F1 | EI-F1 (SCRIT) | CC-Acc | acc_err | acc_cor | parse rate |",
@@ -77,6 +111,16 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
             cells = [f"{e[k]:.3f}" if isinstance(e.get(k), (int, float)) else "-"
                      for k in ("ei_f1", "ei_f1_scrit", "cc_acc", "acc_err", "acc_cor", "parse_rate")]
             lines.append(f"| {e['version']} | {e.get('n', '-')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    mix = summary.get("kept_error_kinds") or {}
+    if mix:
+        kinds = ["none", "result", "operand", "operation", "number", "other"]
+        lines += ["## What the critic trained on: kept examples by the student's error", "",
+                  "`none` = a correct student solution; the others are the kinds of its first wrong step.", "",
+                  "| solver | " + " | ".join(kinds) + " | total |", "|---" * (len(kinds) + 2) + "|"]
+        for solver, counts in sorted(mix.items()):
+            lines.append(f"| {solver} | " + " | ".join(str(counts.get(k, 0)) for k in kinds)
+                         + f" | {sum(counts.values())} |")
         lines.append("")
     for title, file in plots:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]

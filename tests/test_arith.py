@@ -324,3 +324,16 @@ def test_generate_split_problem_yields_only_that_split():
     train = [generate_split_problem(rng, "train") for _ in range(100)]
     assert all(arith_split(p.text) == "train" for p in train)
     assert all(PROBLEM_RE.match(p.text) for p in heldout + train)
+
+
+def test_error_kind_names_what_wrong_solution_injected():
+    rng = random.Random(11)
+    for _ in range(300):
+        problem = arith.generate_problem(rng)
+        kind = rng.choice(arith.ERROR_KINDS)
+        steps, _ = arith.wrong_solution(rng, problem, kind=kind)
+        assert arith.error_kind(problem, steps) == kind
+    problem = arith.parse_problem("Start with 12. Add 5. Multiply by 3. What is the result?")
+    assert arith.error_kind(problem, problem.correct_steps()) == "none"
+    assert arith.error_kind(problem, ["12 + 5 = 17", "seventeen times three"]) == "other"
+    assert arith.error_kind(problem, ["12 + 5 = 17"]) == "other"  # a step is missing

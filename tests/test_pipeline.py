@@ -99,7 +99,7 @@ def test_the_window_bounds_the_batches_in_flight(streamed: dict) -> None:
     assert all(n <= IN_FLIGHT for n in streamed["in_flight"])  # ... and never exceeded
     # Hence no actor ever had more than IN_FLIGHT calls waiting: every call belongs to a batch in flight.
     stats = streamed["stats"]
-    assert stats["critic.0"]["batches"] >= BATCHES and stats["solver0.0"]["items"] == BATCHES * 4
+    assert stats["critic.0"]["batches"] >= BATCHES and stats["solver0-seed.0"]["items"] == BATCHES * 4
 
 
 def test_streaming_keeps_the_same_examples_as_the_synchronous_path(streamed: dict) -> None:
@@ -111,7 +111,7 @@ def test_streaming_keeps_the_same_examples_as_the_synchronous_path(streamed: dic
     backend = make_backend(resolve_model_path("seed"), device="cpu", batch_size=16)
     domain = ArithDomain()
     spec = cfg.solvers[0]
-    solver = Solver(backend, domain, "solver0", spec.samples_per_problem,
+    solver = Solver(backend, domain, "solver0-seed", spec.samples_per_problem,
                     SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=0.0, seed=cfg.run.seed * 1000))
     sampling = SamplingParams(max_new_tokens=cfg.critic.max_new_tokens)
     pairing = PairingSettings(mode="contrastive", max_per_class=1, reference_as_correct=True, seed=cfg.run.seed)

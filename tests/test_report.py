@@ -28,3 +28,27 @@ def test_report_has_table_and_plots(tmp_path):
     for name in ("heldout_scores.png", "pass_rate.png", "buffer_size.png", "train_loss.png"):
         assert (tmp_path / name).stat().st_size > 1000
         assert f"({name})" in text
+
+
+def test_report_shows_status_and_the_kept_error_kinds_per_solver(tmp_path):
+    from scrit.actors.replay_buffer import ReplayBuffer
+    from scrit.domains import arith
+    from scrit.messages import TrainingExample
+    from scrit.prompts import critic_prompt
+    from scrit.report import kept_error_kinds
+
+    problem = arith.parse_problem("Start with 12. Add 5. Multiply by 3. What is the result?")
+    students = {"result": ["12 + 5 = 17", "17 * 3 = 52"], "number": ["12 + 6 = 18", "18 * 3 = 54"],
+                "none": problem.correct_steps()}
+    buffer = ReplayBuffer(tmp_path)
+    buffer.put([TrainingExample(prompt=critic_prompt(problem.text, arith.render_solution(steps)), target="t",
+                                student_correct=kind == "none", problem_id="p", version=0, solver=solver)
+                for solver, kind, steps in [("solver0-careless", k, s) for k, s in students.items()]
+                + [("reference", "none", students["none"])]])
+    buffer.close()
+    mix = kept_error_kinds(tmp_path)
+    assert mix == {"solver0-careless": {"result": 1, "number": 1, "none": 1}, "reference": {"none": 1}}
+    text = write_report(tmp_path, {"status": "failed", "error": {"component": "critic.0", "message": "boom"},
+                                   "restarts": {"buffer": 1}, "kept_error_kinds": mix}).read_text()
+    assert "status: **failed** (in critic.0: boom" in text and "{'buffer': 1}" in text
+    assert "| solver0-careless | 1 | 1 | 0 | 0 | 1 | 0 | 3 |" in text

@@ -12,9 +12,17 @@ import torch
 
 from scrit.seed import SEED_MODEL_DIR, model_dir
 from scrit.domains.arith import arith_split
-from scrit.seed.corpus import DEFAULT_MIX, PHASE2_MIX, sample_example
+from scrit.seed.corpus import CARELESS_MIX, DEFAULT_MIX, PHASE2_MIX, PHASE3_MIX, sample_example
 from scrit.seed.tokenizer import build_char_tokenizer
-from scrit.seed.train import SeedRecipe, build_seed, encode_example, phase2_recipe, weighted_lm_loss
+from scrit.seed.train import (
+    SeedRecipe,
+    build_seed,
+    careless_recipe,
+    encode_example,
+    phase2_recipe,
+    phase3_recipe,
+    weighted_lm_loss,
+)
 
 TEXT = "Step 1: 12 + 5 = 17\nThe answer is \\boxed{47}."
 
@@ -75,20 +83,44 @@ def test_weighted_loss_ignores_zero_weight_positions():
     assert not torch.allclose(weighted_lm_loss(logits, input_ids, weights), weighted_lm_loss(changed, input_ids, weights))
 
 
-def test_build_seed_writes_a_loadable_two_phase_checkpoint(tmp_path):
+def test_build_seed_runs_every_phase_and_the_careless_solver(tmp_path):
     from transformers import AutoModelForCausalLM
 
     tiny = SeedRecipe(steps=3, batch_size=2, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                       warmup_steps=1, pool_batches=2)
+    short = {k: getattr(tiny, k) for k in ("steps", "batch_size", "warmup_steps", "pool_batches")}
+    recipes = {1: tiny, 2: replace(phase2_recipe(), **short), 3: replace(phase3_recipe(), **short),
+               4: replace(careless_recipe(), **short)}
     seen = []
-    out = build_seed(tmp_path / "seed", tiny, replace(phase2_recipe(), **{k: getattr(tiny, k) for k in (
-        "steps", "batch_size", "warmup_steps", "pool_batches")}), log=lambda line: None, checkpoint_every=2,
-        on_checkpoint=lambda path, step: seen.append(step))
+    out = build_seed(tmp_path / "seed", tmp_path / "careless", recipes=recipes, log=lambda line: None,
+                     checkpoint_every=2, on_checkpoint=lambda path, step: seen.append(step))
     info = json.loads((out / "seed_info.json").read_text())
-    assert info["phase1"]["trained_steps"] == 3 and info["trained_steps"] == 3
+    assert info["phase1"]["trained_steps"] == info["phase2"]["trained_steps"] == info["trained_steps"] == 3
+    assert info["recipe"]["mix"] == PHASE3_MIX and info["phase2"]["recipe"]["mix"] == PHASE2_MIX
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.hidden_size == 32 and seen == [2, 3, 2, 3]
+    assert model.config.hidden_size == 32 and seen == [2, 3] * 3
+    solver = json.loads((tmp_path / "careless" / "seed_info.json").read_text())
+    assert solver["recipe"]["mix"] == CARELESS_MIX and solver["trained_steps"] == 3
+    # A build can continue from a finished phase instead of starting from scratch.
+    again = build_seed(tmp_path / "again", recipes=recipes, start_phase=3, init_from=tmp_path / ".seed-phase2",
+                       log=lambda line: None)
+    assert json.loads((again / "seed_info.json").read_text())["started_at_phase"] == 3
+    with pytest.raises(ValueError, match="init_from"):
+        build_seed(tmp_path / "x", start_phase=2)
+
+
+def test_careless_solver_corpus_has_every_error_kind():
+    from scrit.domains import arith
+
+    rng = random.Random(5)
+    kinds = Counter()
+    for _ in range(400):
+        example = sample_example(rng, CARELESS_MIX)
+        problem = arith.parse_problem(example.prompt.split("Problem: ")[1].split("\n")[0])
+        kinds[arith.error_kind(problem, arith.split_steps(example.target))] += 1
+    assert 0.5 < 1 - kinds["none"] / 400 < 0.7  # CARELESS_ERROR_SHARE of the solutions are wrong
+    assert all(kinds[kind] > 30 for kind in arith.ERROR_KINDS)
 
 
 def test_shipped_seed_checkpoint_is_small_and_loads():

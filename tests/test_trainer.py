@@ -184,3 +184,24 @@ def test_deepspeed_zero2_two_workers_on_cpu(tmp_path: Path, seed_dir: Path) -> N
     ray.kill(buffer)
     ray.kill(registry)
     assert os.environ.get("DS_ACCELERATOR") in (None, "cpu")  # the driver's env was not needed
+
+
+def test_lr_schedule_warms_up_decays_to_zero_and_resumes_where_it_was() -> None:
+    from scrit.train.trainer import lr_scheduler
+
+    def rates(schedule: str, total: int, done: int = 0, steps: int = 0) -> list[float]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = lr_scheduler(optimizer, {"lr_schedule": schedule, "warmup_steps": 2}, total, done)
+        out = [optimizer.param_groups[0]["lr"]]
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    cosine = rates("cosine", total=10, steps=10)
+    assert cosine[0] == 0.0 and cosine[2] == pytest.approx(1e-3) and cosine[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))  # decays after the warm-up
+    assert rates("cosine", total=10, done=6)[0] == pytest.approx(cosine[6])  # a restart continues
+    assert rates("constant", total=10, steps=10)[-1] == pytest.approx(1e-3)
+    assert rates("linear", total=10, steps=6)[-1] == pytest.approx(1e-3 * 4 / 8)

@@ -239,17 +239,22 @@ def deepspeed_config(train: dict[str, Any], world_size: int, bf16: bool) -> dict
     }
 
 
-def _warmup(warmup_steps: int) -> Any:
-    """LR multiplier: linear warmup over ``warmup_steps`` optimizer steps, then constant.
+def lr_scheduler(optimizer: Any, train: dict[str, Any], total_steps: int, done_steps: int) -> Any:
+    """The run's learning-rate schedule (transformers' schedulers) over all its optimizer steps.
 
-    Constant afterwards because training is open-ended: there is no horizon to decay towards. Each
-    (re)start warms up again, which suits a freshly created AdamW whose moments start at zero.
+    ``train.lr_schedule``: ``cosine`` (default) or ``linear`` warm up for ``warmup_steps`` and decay
+    to 0 at ``total_steps`` = versions x steps_per_version, so the last versions change little and
+    the final one is not a noisy snapshot; ``constant`` keeps the rate after the warm-up (open-ended
+    training). A trainer that (re)starts at ``done_steps`` continues the schedule where it was.
     """
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-    return factor
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[train["lr_schedule"]]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(train["warmup_steps"]),
+                              num_training_steps=max(1, total_steps))
+    for _ in range(min(done_steps, total_steps)):
+        scheduler.step()  # LambdaLR: stepping is cheap and sets the optimizer's rate for step done_steps
+    return scheduler
 
 
 def _sample_batch(
@@ -429,7 +434,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16_supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     want_bf16 = bool(train["bf16"]) and bf16_supported
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(train["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(int(train["warmup_steps"])))
+    total_steps = int(config["target_version"]) * int(train["steps_per_version"])
+    scheduler = lr_scheduler(optimizer, train, total_steps, step)
 
     published: WeightVersion | None = None
     engine = None
@@ -459,6 +465,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     stats = {"skipped": 0.0, "wait_s": 0.0}
     window = {"loss_sum": 0.0, "micro": 0, "tokens": 0, "target_tokens": 0, "compute_s": 0.0}
+    window_started = time.monotonic()
     grad_norm = float("nan")
     micro = 0
     local_steps = 0
@@ -539,9 +546,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": float(scheduler.get_last_lr()[0]) if hasattr(scheduler, "get_last_lr") else lr,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else -1.0,
             "wait_s": stats["wait_s"],
+            "tokens": tokens,  # all ranks, since the previous version
+            "wall_s": time.monotonic() - window_started,  # sampling, waiting, compute and publishing
             "skipped_examples": skipped,
         }
         if rank == 0:
             _append_train_metrics(config["run_dir"], metrics)
         _report(metrics, published if rank == 0 else None)
         window = {"loss_sum": 0.0, "micro": 0, "tokens": 0, "target_tokens": 0, "compute_s": 0.0}
+        window_started = time.monotonic()

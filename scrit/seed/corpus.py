@@ -23,13 +23,21 @@ from scrit.prompts import critic_prompt, render_critique, solver_prompt
 # dense drills of correct steps, while still rehearsing critiques so phase 1's skills stay.
 DEFAULT_MIX = {"solver": 0.30, "contrastive": 0.63, "direct": 0.07}
 PHASE2_MIX = {"solver": 0.35, "drill": 0.35, "contrastive": 0.23, "direct": 0.07}
+# Phase 3 (from phase 2's weights): long drill rows, so arithmetic holds deep into a sequence, where a
+# direct critique's "expected" steps and its correction sit (300-700 characters in).
+PHASE3_MIX = {"solver": 0.25, "long_drill": 0.35, "contrastive": 0.33, "direct": 0.07}
+# The careless solver (a separate checkpoint, fine-tuned from the seed): its solutions carry misread
+# operands, operations and numbers as well as slips, so the loop sees all four kinds of error.
+CARELESS_MIX = {"careless_solver": 1.0}
 DRILL_HEADER = "Compute each step.\n"
 INCORRECT_SHARE = 0.6  # share of critique examples whose student solution has a wrong step
+CARELESS_ERROR_SHARE = 0.6  # share of the careless solver's training solutions with one wrong step
+LONG_DRILL_PROBLEMS = (8, 16)  # problems per long drill row (~300-900 characters)
 
 
 @dataclass(frozen=True)
 class Example:
-    kind: str  # solver | contrastive | direct
+    kind: str  # solver | drill | long_drill | contrastive | direct | careless_solver
     prompt: str
     target: str
     reference_span: tuple[int, int] | None = None  # where the (correct) reference sits in the prompt
@@ -75,12 +83,22 @@ def critique_example(rng: random.Random, problem: arith.ArithProblem, contrastiv
     return Example("contrastive" if contrastive else "direct", prompt, target, span)
 
 
-def drill_example(rng: random.Random, first: arith.ArithProblem, problems: int = 4) -> Example:
+def drill_example(rng: random.Random, first: arith.ArithProblem, problems: int = 4, kind: str = "drill") -> Example:
     """Correct steps of several training problems, one per line: arithmetic practice at ~25 facts a row."""
     steps = list(first.correct_steps())
     for _ in range(problems - 1):
         steps += generate_split_problem(rng, "train").correct_steps()
-    return Example("drill", DRILL_HEADER, "\n".join(steps))
+    return Example(kind, DRILL_HEADER, "\n".join(steps))
+
+
+def careless_solver_example(rng: random.Random, problem: arith.ArithProblem) -> Example:
+    """A solver example whose solution, CARELESS_ERROR_SHARE of the time, has one wrong step of a
+    random kind at a random step (later steps follow from the wrong value): the careless solver's
+    training data. Only its own sampling, never a program, puts errors in its loop solutions."""
+    steps = problem.correct_steps()
+    if rng.random() < CARELESS_ERROR_SHARE:
+        steps, _ = arith.wrong_solution(rng, problem)
+    return Example("careless_solver", solver_prompt(problem.text), arith.render_solution(steps))
 
 
 def sample_example(rng: random.Random, mix: dict[str, float] = DEFAULT_MIX) -> Example:
@@ -90,4 +108,8 @@ def sample_example(rng: random.Random, mix: dict[str, float] = DEFAULT_MIX) -> E
         return solver_example(problem)
     if kind == "drill":
         return drill_example(rng, problem)
+    if kind == "long_drill":
+        return drill_example(rng, problem, rng.randint(*LONG_DRILL_PROBLEMS), kind="long_drill")
+    if kind == "careless_solver":
+        return careless_solver_example(rng, problem)
     return critique_example(rng, problem, contrastive=(kind == "contrastive"))

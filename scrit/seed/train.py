@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from scrit.seed.corpus import DEFAULT_MIX, PHASE2_MIX, Example, sample_example
+from scrit.seed.corpus import CARELESS_MIX, DEFAULT_MIX, PHASE2_MIX, PHASE3_MIX, Example, sample_example
 from scrit.seed.tokenizer import build_char_tokenizer
 
 _VERDICT_SPAN = re.compile(r"(?<=: )(correct|wrong)$|(?<=^Conclusion: ).*$", re.MULTILINE)
@@ -55,18 +55,52 @@ def phase2_recipe() -> SeedRecipe:
                       mix=dict(PHASE2_MIX))
 
 
-def build_seed(out_dir: str | Path, phase1: SeedRecipe | None = None, phase2: SeedRecipe | None = None,
+def phase3_recipe() -> SeedRecipe:
+    """Phase 3: from phase 2's weights, long drill rows so arithmetic holds deep in a sequence."""
+    return SeedRecipe(seed=5678, steps=1200, lr=5e-4, min_lr=5e-5, warmup_steps=50, result_weight=2.0,
+                      mix=dict(PHASE3_MIX))
+
+
+def careless_recipe() -> SeedRecipe:
+    """The careless solver: from the finished seed, solutions that misread and slip (corpus.CARELESS_MIX)."""
+    return SeedRecipe(seed=8765, steps=300, lr=3e-4, min_lr=3e-5, warmup_steps=20, mix=dict(CARELESS_MIX))
+
+
+SEED_PHASES: tuple[Callable[[], SeedRecipe], ...] = (SeedRecipe, phase2_recipe, phase3_recipe)
+
+
+def build_seed(out_dir: str | Path, solver_dir: str | Path | None = None, *, start_phase: int = 1,
+               init_from: str | Path | None = None, recipes: dict[int, SeedRecipe] | None = None,
                log: Callable[[str], None] = print, checkpoint_every: int = 1000,
                on_checkpoint: Callable[[Path, int], None] | None = None) -> Path:
-    """The whole documented rebuild: phase 1 into ``out_dir/phase1``, then phase 2 into ``out_dir``."""
+    """The whole documented rebuild: phases 1-3 of the seed critic (the last one into ``out_dir``,
+    earlier ones beside it as ``.NAME-phaseK``), then the careless solver into ``solver_dir``.
+
+    ``start_phase`` > 1 continues from ``init_from`` (a finished earlier phase) instead of starting
+    from scratch; ``recipes`` replaces the recipe of a phase (by number; 4 = the careless solver).
+    """
     out_dir = Path(out_dir)
-    phase1_dir = out_dir.parent / f".{out_dir.name}-phase1"
+    recipes = recipes or {}
+    if start_phase > 1 and init_from is None:
+        raise ValueError(f"start_phase {start_phase} needs init_from (the checkpoint of phase {start_phase - 1})")
     started = time.time()
-    train_seed(phase1_dir, phase1 or SeedRecipe(), log, checkpoint_every, on_checkpoint)
-    train_seed(out_dir, phase2 or phase2_recipe(), log, checkpoint_every, on_checkpoint, init_from=phase1_dir)
+    previous = Path(init_from) if init_from is not None else None
+    phases: dict[str, object] = {}
+    for number, default in enumerate(SEED_PHASES, start=1):
+        if number < start_phase:
+            continue
+        target = out_dir if number == len(SEED_PHASES) else out_dir.parent / f".{out_dir.name}-phase{number}"
+        train_seed(target, recipes.get(number) or default(), log, checkpoint_every, on_checkpoint, init_from=previous)
+        if number < len(SEED_PHASES):
+            phases[f"phase{number}"] = json.loads((target / "seed_info.json").read_text())
+        previous = target
     info_path = out_dir / "seed_info.json"
     info = json.loads(info_path.read_text())
-    info["phase1"] = json.loads((phase1_dir / "seed_info.json").read_text())
+    info.update(phases, started_at_phase=start_phase, seed_seconds=round(time.time() - started, 1))
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    if solver_dir is not None:
+        train_seed(Path(solver_dir), recipes.get(len(SEED_PHASES) + 1) or careless_recipe(), log, checkpoint_every,
+                   None, init_from=out_dir)
     info["total_seconds"] = round(time.time() - started, 1)
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
