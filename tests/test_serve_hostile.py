@@ -48,7 +48,7 @@ MODEL = "scrit-critic"
 LIMITS = Limits(max_problem_chars=200, max_steps=8, max_prompt_chars=800, max_tokens=8, default_max_tokens=8)
 ROUTES = {"GET /healthz", "GET /v1/models", "POST /v1/critique", "POST /v1/chat/completions"}
 FUZZ_SEED = int(os.environ.get("SCRIT_FUZZ_SEED", "14005"))  # fixed: CI runs the same cases every time
-FUZZ_EXAMPLES = int(os.environ.get("SCRIT_FUZZ_EXAMPLES", "400"))  # hypothesis examples per operation and phase
+FUZZ_EXAMPLES = int(os.environ.get("SCRIT_FUZZ_EXAMPLES", "500"))  # hypothesis examples per operation and phase
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,10 +261,12 @@ def test_openapi_document_describes_bodies_limits_and_the_key(hostile: Hostile) 
 # Fuzzing the running app with schemathesis, against its own /openapi.json
 
 
-def _beyond_the_schema(path: str, body: Any) -> str | None:
-    """Which rule JSON Schema cannot state (a sum over a list, counted lines) a body breaks, recomputed from the
-    body; the schema describes these rules in words, so a schema-valid body may still break them."""
-    if not isinstance(body, dict):
+def _beyond_the_schema(path: str, body: Any, status: int, sent: bytes | None) -> str | None:
+    """Which rule JSON Schema cannot state a schema-valid body breaks, recomputed from the body (the schema gives
+    these rules in words: the body-size limit, sums over a list, counted lines), or None."""
+    if status == 413:
+        return "body over max_body_bytes" if sent is not None and len(sent) > LIMITS.max_body_bytes else None
+    if status != 400 or not isinstance(body, dict):
         return None
     if path == "/v1/critique":
         steps, solution = body.get("steps"), body.get("solution")
@@ -308,19 +310,24 @@ def _fuzz(url: str) -> FuzzTally:
     from schemathesis.openapi.checks import RejectedPositiveData
 
     tally = FuzzTally()
+    # One worker: with two, CPython 3.11's ast module (used while generating) raised "AST constructor recursion
+    # depth mismatch" in the client, a thread-safety bug of the interpreter, not of the app.
     config = schemathesis.Config.from_dict({
         "base-url": url, "headers": AUTH, "seed": FUZZ_SEED, "workers": 1, "continue-on-failure": True,
         "request-timeout": 120, "generation": {"max-examples": FUZZ_EXAMPLES, "mode": "all"},
+        # An invalid body may also be too large: 413 refuses it as well as 400 does.
+        "checks": {"negative_data_rejection": {"expected-statuses": [400, 401, 404, 405, 413]}},
     })
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config, headers=AUTH)
 
     @schema.hook
     def filter_failure(context: schemathesis.HookContext, failure: Exception, case: schemathesis.Case,
                        response: schemathesis.Response) -> bool:
-        """Keep every failure but a schema-valid body refused (400, naming the field) by a rule the schema
-        cannot state; those are tallied instead, so the report says how often the schema under-describes."""
-        reason = _beyond_the_schema(case.path, case.body)
-        if isinstance(failure, RejectedPositiveData) and reason and response.status_code == 400:
+        """Keep every failure but a schema-valid body refused by a rule the schema cannot state; those are
+        tallied instead, so the report says how often the schema under-describes."""
+        sent = response.request.body if isinstance(response.request.body, bytes) else None
+        reason = _beyond_the_schema(case.path, case.body, response.status_code, sent)
+        if isinstance(failure, RejectedPositiveData) and reason:
             tally.beyond_schema.append(f"{case.method} {case.path}: {reason}")
             return False
         return True
@@ -338,8 +345,11 @@ def _fuzz(url: str) -> FuzzTally:
                 for check in checks:
                     if check.failure_info is not None:
                         case = recorder.cases[case_id].value
+                        interaction = recorder.interactions.get(case_id)
+                        response = interaction.response if interaction is not None else None
+                        answer = f"{response.status_code} {response.content[:300]!r}" if response is not None else "-"
                         tally.failures.append(f"{check.name} on {case.method} {case.path}: {check.failure_info.failure}"
-                                              f"\n{check.failure_info.code_sample}")
+                                              f"\nanswer: {answer}\n{check.failure_info.code_sample[:1500]}")
         elif isinstance(event, events.NonFatalError):
             detail = "".join(traceback.format_exception(event.value))[-3000:]
             tally.errors.append(f"{event.label} ({event.phase}): {event.info.title}\n{detail}")
@@ -373,16 +383,21 @@ def test_schemathesis_fuzzing_finds_no_server_error_and_only_json_errors(hostile
     report = f"{tally.table()}\nin {time.monotonic() - started:.0f}s; beyond the schema: {tally.beyond_schema}"
     print(report)
     assert not tally.errors, "\n\n".join(tally.errors) + "\n\n" + report
-    assert not tally.failures, "\n\n".join(tally.failures[:10]) + "\n\n" + report
+    distinct = sorted({failure.split(":")[0] + " | " + failure.partition("\nanswer: ")[2].split("\n")[0][:200]
+                       for failure in tally.failures})
+    assert not tally.failures, (f"{len(tally.failures)} failures, {len(distinct)} distinct:\n" + "\n".join(distinct)
+                                + "\n\nfirst 5 in full:\n" + "\n\n".join(tally.failures[:5]) + "\n\n" + report)
     assert not [key for key in tally.statuses if key[1] >= 500], report
     assert sum(tally.requests.values()) >= 1000, report
     assert ROUTES <= set(tally.requests), report
+    for route in ROUTES - {"GET /healthz"}:  # schemathesis also sent each secured route without the key
+        assert tally.statuses[(route, 401)] >= 1, report
     for route in ("POST /v1/critique", "POST /v1/chat/completions"):  # both accepted and refused bodies
         assert tally.statuses[(route, 200)] >= 50 and tally.statuses[(route, 400)] >= 50, report
 
 
 # ------------------------------------------------------------------------------------------------
-# Oversized bodies: refused with 413 while they stream, never read whole
+# Oversized bodies: refused with 413 as soon as they pass the limit, never read whole
 
 
 def _request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
@@ -392,8 +407,8 @@ def _request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
 
 def _send_until_answered(port: int, head: bytes, chunks: Iterable[bytes]) -> tuple[int, int, dict[str, str], bytes]:
     """Send ``head`` then ``chunks`` on a raw socket, stopping as soon as the server answers (or the chunks run
-    out); returns (body bytes sent, status, headers, response body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    out; then wait up to 30 s for the answer); returns (body bytes sent, status, headers, response body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head)
         sent = 0
         for chunk in chunks:
@@ -421,13 +436,14 @@ def _send_until_answered(port: int, head: bytes, chunks: Iterable[bytes]) -> tup
     return sent, int(status_line.split()[1]), headers, body
 
 
-def _chunked(total: int, piece: int = 65536) -> Iterator[bytes]:
-    """``total`` bytes of body as chunked transfer encoding."""
+def _chunked(total: int, piece: int = 65536, end: bool = True) -> Iterator[bytes]:
+    """``total`` bytes of body as chunked transfer encoding; without ``end`` the body stays open."""
     while total > 0:
         size = min(piece, total)
         yield b"%x\r\n" % size + b"a" * size + b"\r\n"
         total -= size
-    yield b"0\r\n\r\n"
+    if end:
+        yield b"0\r\n\r\n"
 
 
 JSON_HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -444,16 +460,15 @@ def test_truthful_content_length_over_the_limit_is_refused_before_the_body_is_se
 
 
 @pytest.mark.parametrize("path", ["/v1/critique", "/v1/chat/completions"])
-def test_chunked_body_over_the_limit_is_refused_while_it_streams(hostile: Hostile, path: str) -> None:
-    """A 512 MiB chunked body (no Content-Length to trust) gets its 413 long before it ends: the replica stops
-    reading at the limit. (Ray's HTTP proxy reads ahead of the replica, so more than the limit is sent.)"""
-    total = 512 << 20
+def test_chunked_body_that_never_ends_is_refused_at_the_limit(hostile: Hostile, path: str) -> None:
+    """A chunked body (no Content-Length to trust) that passes the limit and then never ends: a server that read
+    bodies whole would wait for the end forever; the replica answers 413 once the limit is passed."""
     head = _request_head("POST", path, {**JSON_HEADERS, "Transfer-Encoding": "chunked"})
     started = time.monotonic()
-    sent, status, headers, body = _send_until_answered(hostile.port, head, _chunked(total))
-    print(f"413 after {sent / 2**20:.1f} MiB of a {total >> 20} MiB body, {time.monotonic() - started:.2f}s")
-    assert status == 413 and sent < total // 2, (status, sent)
+    sent, status, headers, body = _send_until_answered(hostile.port, head, _chunked(hostile.limit + 65536, end=False))
+    assert status == 413 and headers["content-type"] == "application/json"
     assert f"over {hostile.limit} bytes" in json.loads(body)["error"]["message"]
+    assert time.monotonic() - started < 30
 
 
 def test_body_limit_is_exact_with_and_without_content_length(hostile: Hostile) -> None:
