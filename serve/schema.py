@@ -14,8 +14,8 @@ Each shape has one definition here, a msgspec Struct: the request bodies decode 
 responses are encoded from them, and ``openapi_components`` publishes their JSON Schema in the
 app's OpenAPI document, with the replica's ``Limits`` written in as ``maxLength``, ``maximum``,
 ``enum``... so that what the schema allows is exactly what the validation accepts. The few rules
-JSON Schema cannot state (sums over a list, counted lines) are in the field descriptions and in
-``x-scrit-limits``.
+JSON Schema cannot state (sums over a list, counted lines, the body's size in bytes) are in the
+field descriptions, ``x-scrit-limits`` and ``info.x-scrit-max-body-bytes``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ T = TypeVar("T")
 # Generation stops where a new prompt would begin (the critic writes its correction to the end).
 CRITIQUE_STOPS: tuple[str, ...] = ("\nProblem:", "\nCritique the student")
 # Whitespace as ``str.strip()`` strips it, spelled out: regex engines disagree on ``\s`` (Python's
-# includes \x1c-\x1f, Rust's and ECMA-262's do not; ECMA's includes \ufeff), so a published pattern
+# includes \x1c-\x1f, Rust's and ECMA-262's do not; ECMA's has \ufeff and not \x85), so a published pattern
 # ``\S`` would let a validator accept a "\x1c" problem that the check below refuses as blank.
 WHITESPACE = ("\\u0009-\\u000d\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f"
               "\\u205f\\u3000")
