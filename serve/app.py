@@ -132,7 +132,8 @@ def _responses(ok: str, ok_description: str, *errors: int, stream: bool = False)
         }}
     out: dict[int | str, Any] = {200: {"description": ok_description, "content": content}}
     for status in errors:
-        out[status] = {"description": _ERROR_DESCRIPTIONS[status], "content": {"application/json": _ref("ErrorResponse")}}
+        out[status] = {"description": _ERROR_DESCRIPTIONS[status],
+                       "content": {"application/json": _ref("ErrorResponse")}}
     return out
 
 

@@ -468,7 +468,9 @@ def chat_sampling(body: ChatBody, limits: Limits) -> SamplingParams:
     for name, value in counts.items():
         if value is not None and not 1 <= value <= limits.max_tokens:
             raise ApiError(400, f"'{name}' must be between 1 and {limits.max_tokens} (got {value})", param=name)
-    max_tokens = counts["max_completion_tokens"] if counts["max_completion_tokens"] is not None else counts["max_tokens"]
+    max_tokens = counts["max_completion_tokens"]
+    if max_tokens is None:
+        max_tokens = counts["max_tokens"]
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default

@@ -167,8 +167,10 @@ EDGE_CHATS = [
 ]
 
 
-@pytest.mark.parametrize("name,body", [("CritiqueBody", b) for b in EDGE_CRITIQUES] + [("ChatBody", b) for b in EDGE_CHATS],
-                         ids=[f"critique-{i}" for i in range(len(EDGE_CRITIQUES))] + [f"chat-{i}" for i in range(len(EDGE_CHATS))])
+EDGES = [("CritiqueBody", body) for body in EDGE_CRITIQUES] + [("ChatBody", body) for body in EDGE_CHATS]
+
+
+@pytest.mark.parametrize("name,body", EDGES, ids=[f"{name}-{i}" for i, (name, _) in enumerate(EDGES)])
 def test_published_schema_and_handlers_agree_on_edge_cases(name: str, body: dict) -> None:
     """At every limit, null, integral float and blank string, the JSON Schema the app publishes accepts a body
     exactly when the handlers do (the fuzzer checks the same on random bodies)."""
@@ -176,7 +178,8 @@ def test_published_schema_and_handlers_agree_on_edge_cases(name: str, body: dict
 
 
 def test_published_schema_states_the_configured_limits() -> None:
-    components = openapi_components(Limits(max_problem_chars=123, max_steps=7, max_prompt_chars=456, max_tokens=89), "m")
+    limits = Limits(max_problem_chars=123, max_steps=7, max_prompt_chars=456, max_tokens=89)
+    components = openapi_components(limits, "m")
     critique = components["CritiqueBody"]["properties"]
     assert critique["problem"]["maxLength"] == 123 and critique["problem"]["pattern"] == NOT_BLANK
     steps = next(b for b in critique["steps"]["anyOf"] if b.get("type") == "array")
