@@ -11,6 +11,13 @@ started serving the version):
   ``GET /v1/models``;
 * ``GET /healthz``: the replica's version, swap counters; never needs the API key.
 
+``GET /openapi.json`` (``/docs``) describes every request, response and error body, with this
+replica's limits (``serve/schema.py: openapi_components``). With an API key configured, every path
+but ``/healthz`` (unknown paths, wrong methods and the docs included) answers 401 without it. Every
+error is a JSON body naming the problem (and the field, ``param``); a body over the size limit is
+refused with 413 as soon as the bytes received pass it: the replica never holds it whole (Ray's HTTP
+proxy does read ahead of the replica until the 413 is sent).
+
 Requests are batched into the model with ``@serve.batch`` (``serve.max_batch_size``,
 ``serve.batch_wait_timeout_s``), so concurrent clients share forward passes. Hot swap is in
 ``serve/service.py``: replicas follow the run's registry file and switch between batches.
@@ -27,11 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from scrit.backends.base import Generation, SamplingParams
 from scrit.serve.schema import (
@@ -47,7 +56,9 @@ from scrit.serve.schema import (
     critique_input,
     critique_result,
     decode_body,
-    error_body,
+    encode_error,
+    model_list,
+    openapi_components,
 )
 from scrit.serve.service import ROLE, CriticService, ServeSettings, telemetry
 
@@ -71,28 +82,104 @@ SINCE_HEADER = "x-critic-version-since"
 OPEN_PATHS = frozenset({"/healthz"})  # answered without the API key (liveness probes carry no secrets)
 ROUTES = frozenset({"/healthz", "/v1/models", "/v1/critique", "/v1/chat/completions"})  # metric labels
 
-app = FastAPI(title="scrit critic", description="The evolving SCRIT critic (DESIGN.md §9).", version="1")
+
+class _CriticAPI(FastAPI):
+    """The FastAPI app whose OpenAPI document describes the replica it runs in.
+
+    The routes parse their bodies with msgspec (``serve/schema.py``), so FastAPI sees no body
+    parameters; the request, response and error shapes are declared per route as ``$ref``s and
+    ``openapi`` fills in ``components`` from ``openapi_components``, with this replica's limits and
+    model name, plus the bearer-key security scheme when a key is configured.
+    """
+
+    def openapi(self) -> dict[str, Any]:
+        spec = super().openapi()  # cached by FastAPI; filled in once below
+        components = spec.setdefault("components", {})
+        if "CritiqueBody" not in components.get("schemas", {}):
+            server = _server()
+            limits = server.limits if server is not None else Limits()
+            name = server.settings.model_name if server is not None else MODEL_NAME
+            components["schemas"] = {**components.get("schemas", {}), **openapi_components(limits, name)}
+            if server is not None and server.settings.api_key_sha256 is not None:
+                components["securitySchemes"] = {"bearer": {
+                    "type": "http", "scheme": "bearer",
+                    "description": "Every route but /healthz needs 'Authorization: Bearer <key>' (401 otherwise)."}}
+                spec["security"] = [{"bearer": []}]
+            spec["info"]["x-scrit-max-body-bytes"] = limits.max_body_bytes
+        return spec
+
+
+app = _CriticAPI(title="scrit critic", description="The evolving SCRIT critic (DESIGN.md §9).", version="1")
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"schema": {"$ref": f"#/components/schemas/{name}"}}
+
+
+def _responses(ok: str, ok_description: str, *errors: int, stream: bool = False) -> dict[int | str, Any]:
+    """OpenAPI ``responses`` of a route: ``ok`` (a component name) for 200 and the error body for
+    each status in ``errors``."""
+    content = {"application/json": _ref(ok)}
+    if stream:
+        content["text/event-stream"] = {"schema": {  # one event (OpenAPI 3.1: the schema of each event)
+            "type": "object", "required": ["data"],
+            "description": "With stream: true: one ChatCompletionChunk per event, then the event 'data: [DONE]'.",
+            "properties": {"data": {"anyOf": [
+                {"type": "string", "const": "[DONE]"},
+                {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"$ref": "#/components/schemas/ChatCompletionChunk"}},
+            ]}},
+        }}
+    out: dict[int | str, Any] = {200: {"description": ok_description, "content": content}}
+    for status in errors:
+        out[status] = {"description": _ERROR_DESCRIPTIONS[status],
+                       "content": {"application/json": _ref("ErrorResponse")}}
+    return out
+
+
+def _json_body(name: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": _ref(name)}}}
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The body is not valid: the error names the field at fault (param) and the problem.",
+    401: "Missing or wrong API key.",
+    404: "A model other than the one served.",
+    413: "The body is larger than info.x-scrit-max-body-bytes.",
+    500: "The model failed to generate (or a bug); the message says which.",
+}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, kind, param), status_code=status, headers=headers)
+           headers: dict[str, str] | None = None) -> Response:
+    return Response(encode_error(status, message, kind, param), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def _json(body: msgspec.Struct, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(body), media_type="application/json", headers=headers)
 
 
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+async def _api_error(_: Request, error: ApiError) -> Response:
     return _error(error.status, error.message, error.kind, error.param)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(_: Request, error: StarletteHTTPException) -> Response:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
     return _error(error.status_code, str(error.detail), kind, headers=getattr(error, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(_: Request, error: RequestValidationError) -> Response:
     return _error(400, f"invalid request: {error.errors()}")
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, error: Exception) -> Response:
+    """A bug, not a client mistake: still an error body in the API's shape (Starlette logs the traceback)."""
+    return _error(500, f"internal error: {type(error).__name__}", "server_error")
 
 
 class _AuthAndHeaders:
@@ -240,14 +327,22 @@ class CriticServer:
         return False
 
     async def _read(self, request: Request) -> bytes:
-        limit = 8 * self.limits.max_prompt_chars + 65536  # generous: JSON escapes, UTF-8
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        """The request body, read as it streams in and refused (413) as soon as it is over the limit:
+        at once when ``Content-Length`` says so, else when the bytes received pass it (a chunked body,
+        or one whose ``Content-Length`` lies), so an oversized body is never held whole."""
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length", "").strip()
+        if length.isdigit() and int(length) > limit:
             raise ApiError(413, f"request body too large: {length} bytes (at most {limit})")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise ApiError(413, f"request body too large: {len(raw)} bytes (at most {limit})")
-        return raw
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"request body too large: over {limit} bytes")
+        except ClientDisconnect as error:
+            raise ApiError(400, "the client disconnected before sending the whole body") from error
+        return bytes(body)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.model_name:
@@ -266,24 +361,23 @@ class CriticServer:
 
     # ------------------------------------------------------------------------------- routes
 
-    @app.get("/healthz")
+    @app.get("/healthz", openapi_extra={"security": []},
+             responses=_responses("Health", "Alive; the replica's version (needs no API key)."))
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok", "replica": self.replica_id, "model": self.settings.model_name,
                              **self.service.health()})
 
-    @app.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    @app.get("/v1/models", responses=_responses("ModelList", "The served model.", 401))
+    async def models(self) -> Response:
         active = self.service.active
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.settings.model_name, "object": "model", "created": int(active.since), "owned_by": "scrit",
-            "critic_version": active.version,
-        }]})
+        return _json(model_list(self.settings.model_name, active.since, active.version))
 
-    @app.post("/v1/critique")
-    async def critique(self, request: Request) -> JSONResponse:
+    @app.post("/v1/critique", openapi_extra=_json_body("CritiqueBody"),
+              responses=_responses("CritiqueResult", "The critique.", 400, 401, 404, 413, 500))
+    async def critique(self, request: Request) -> Response:
         from scrit.prompts import critic_prompt
 
-        body = decode_body(await self._read(request), CritiqueBody)
+        body = decode_body(await self._read(request), CritiqueBody, request.headers.get("content-type"))
         self._check_model(body.model)
         problem, solution, reference = critique_input(body, self.limits)
         prompt = critic_prompt(problem, solution, reference, self.settings.prompt_style)
@@ -293,11 +387,13 @@ class CriticServer:
             if text.endswith(marker):
                 text = text[: -len(marker)]
         result = critique_result(text.rstrip(), generation, "contrastive" if reference is not None else "direct")
-        return JSONResponse(result, headers=self.headers(generation.version))
+        return _json(result, self.headers(generation.version))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body("ChatBody"),
+              responses=_responses("ChatCompletion", "The completion (stream: false) or its events (stream: true).",
+                                   400, 401, 404, 413, 500, stream=True))
     async def chat_completions(self, request: Request) -> Response:
-        body = decode_body(await self._read(request), ChatBody)
+        body = decode_body(await self._read(request), ChatBody, request.headers.get("content-type"))
         self._check_model(body.model)
         prompt = chat_prompt(body, self.limits)
         sampling = chat_sampling(body, self.limits)
@@ -307,7 +403,7 @@ class CriticServer:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(chat_chunks(generation, sampling, self.settings.model_name, include_usage),
                                      media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
-        return JSONResponse(chat_completion(generation, sampling, self.settings.model_name), headers=headers)
+        return _json(chat_completion(generation, sampling, self.settings.model_name), headers)
 
 
 # ------------------------------------------------------------------------------------------------

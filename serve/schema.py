@@ -9,16 +9,25 @@ naming the field and the problem, in OpenAI's error shape::
 Bodies are decoded with msgspec whatever the request's content type (``curl -d`` sends form
 encoding), so malformed JSON, wrong types and unknown ``/v1/critique`` fields are all reported the
 same way.
+
+Each shape has one definition here, a msgspec Struct: the request bodies decode into them, the
+responses are encoded from them, and ``openapi_components`` publishes their JSON Schema in the
+app's OpenAPI document, with the replica's ``Limits`` written in as ``maxLength``, ``maximum``,
+``enum``... so that what the schema allows is exactly what the validation accepts. The few rules
+JSON Schema cannot state (sums over a list, counted lines, the body's size in bytes) are in the
+field descriptions, ``x-scrit-limits`` and ``info.x-scrit-max-body-bytes``.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 import uuid
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterator, Literal, TypeVar
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from scrit.backends.base import Generation, SamplingParams
 from scrit.parsing import parse_critique
@@ -26,8 +35,14 @@ from scrit.parsing import parse_critique
 __all__ = [
     "ApiError",
     "ChatBody",
+    "ChatCompletion",
+    "ChatCompletionChunk",
     "CritiqueBody",
+    "CritiqueResult",
+    "ErrorResponse",
+    "Health",
     "Limits",
+    "ModelList",
     "chat_chunks",
     "chat_completion",
     "chat_prompt",
@@ -35,7 +50,10 @@ __all__ = [
     "critique_input",
     "critique_result",
     "decode_body",
+    "encode_error",
     "error_body",
+    "model_list",
+    "openapi_components",
     "render_steps",
 ]
 
@@ -43,6 +61,20 @@ T = TypeVar("T")
 
 # Generation stops where a new prompt would begin (the critic writes its correction to the end).
 CRITIQUE_STOPS: tuple[str, ...] = ("\nProblem:", "\nCritique the student")
+# Whitespace as ``str.strip()`` strips it, spelled out: regex engines disagree on ``\s`` (Python's
+# includes \x1c-\x1f, Rust's and ECMA-262's do not; ECMA's has \ufeff and not \x85), so a published pattern
+# ``\S`` would let a validator accept a "\x1c" problem that the check below refuses as blank.
+WHITESPACE = ("\\u0009-\\u000d\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f"
+              "\\u205f\\u3000")
+# "Not blank": the JSON Schema pattern of fields that must hold more than whitespace.
+NOT_BLANK = f"[^{WHITESPACE}]"
+# Temperatures below this are greedy decoding (as in vLLM): dividing logits by a subnormal number
+# overflows them to inf and sampling fails.
+SAMPLING_EPS = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+MAX_STOPS, MAX_STOP_CHARS = 8, 200
+TEMPERATURE_MAX = 2.0
+_ROLES = ("assistant", "developer", "system", "tool", "user")
 
 
 class ApiError(Exception):
@@ -60,13 +92,44 @@ class ApiError(Exception):
         return error_body(self.status, self.message, self.kind, self.param)
 
 
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    """What went wrong; ``param`` names the request field at fault (null when the body as a whole is)."""
+
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """The body of every error response, 4xx and 5xx (OpenAI's error shape)."""
+
+    error: ErrorDetail
+
+
 def error_body(status: int, message: str, kind: str = "invalid_request_error",
                param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return msgspec.to_builtins(ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=status)))
+
+
+def encode_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> bytes:
+    """The JSON error body as bytes. Never raises: text that cannot be UTF-8 (lone surrogates) is
+    escaped, so an error about a hostile request is itself always deliverable."""
+    detail = ErrorDetail(message=message, type=kind, param=param, code=status)
+    try:
+        return msgspec.json.encode(ErrorResponse(error=detail))
+    except UnicodeEncodeError:
+        safe = lambda text: text.encode("utf-8", "backslashreplace").decode("utf-8")  # noqa: E731
+        detail = ErrorDetail(message=safe(message), type=kind, param=None if param is None else safe(param),
+                             code=status)
+        return msgspec.json.encode(ErrorResponse(error=detail))
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
-    """Request size limits (from ``ServeConfig``): a request over any of them gets a 400."""
+    """Request size limits (from ``ServeConfig``): a request over any of them gets a 400.
+
+    ``openapi_components`` writes them into the published JSON Schema.
+    """
 
     max_problem_chars: int = 4000  # each of problem, solution (all steps together) and reference
     max_steps: int = 64
@@ -82,17 +145,49 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
         return cls(max_problem_chars=chars, max_steps=int(serve_cfg.max_steps), max_prompt_chars=4 * chars,
                    max_tokens=max(2048, int(critic_max_new_tokens)), default_max_tokens=int(critic_max_new_tokens))
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body read (413 beyond): the longest allowed text with every character
+        written as an escaped surrogate pair (12 bytes), plus 64 KiB for the rest of the JSON."""
+        return 12 * self.max_prompt_chars + 65536
 
-def decode_body(raw: bytes, kind: type[T]) -> T:
-    """``raw`` decoded as ``kind``; ApiError(400) for an empty body, malformed JSON or wrong types."""
+
+_JSON_TYPES = ("application/json", "text/json")
+
+
+def decode_body(raw: bytes, kind: type[T], content_type: str | None = None) -> T:
+    """``raw`` decoded as ``kind``; ApiError(400) for an empty body, malformed JSON (invalid UTF-8 anywhere,
+    nesting too deep for the decoder) or wrong types. ``content_type`` only improves the message."""
     if not raw.strip():
         raise ApiError(400, "the request body must be a JSON object; it is empty")
+    try:  # msgspec skips ignored fields without checking their UTF-8
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"malformed JSON in the request body: invalid UTF-8 at byte {error.start}") from error
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as error:
+        unknown = _unknown_field(raw, kind) if "unknown field" in str(error) else None
+        if unknown is not None:  # the name as sent: msgspec's message cannot quote an empty or `-holding name
+            raise ApiError(400, f"invalid request: unknown field {unknown!r}", param=unknown) from error
         raise ApiError(400, f"invalid request: {error}", param=_param_of(str(error))) from error
     except msgspec.DecodeError as error:
-        raise ApiError(400, f"malformed JSON in the request body: {error}") from error
+        hint = ""
+        if content_type and not content_type.split(";")[0].strip().lower().endswith(("/json", "+json")):
+            hint = f" (the body must be JSON; it was sent as {content_type.split(';')[0].strip()!r})"
+        raise ApiError(400, f"malformed JSON in the request body: {error}{hint}") from error
+    except RecursionError as error:  # msgspec recurses into ignored fields too
+        raise ApiError(400, "malformed JSON in the request body: arrays or objects nested too deeply") from error
+
+
+def _unknown_field(raw: bytes, kind: type) -> str | None:
+    """The first top-level key of ``raw`` that is not a field of ``kind`` (which forbids unknown fields)."""
+    try:
+        document = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    fields = set(getattr(kind, "__struct_fields__", ()))
+    return next((key for key in document if key not in fields), None) if isinstance(document, dict) else None
 
 
 def _param_of(message: str) -> str | None:
@@ -106,13 +201,36 @@ def _param_of(message: str) -> str | None:
 
 
 class CritiqueBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``{"problem", "solution"}`` or ``{"problem", "steps"}``; ``reference`` selects contrastive mode."""
+    """A solution to critique: ``problem`` and exactly one of ``solution`` (text) or ``steps`` (a list);
+    ``reference`` (a correct solution) selects contrastive mode."""
 
     problem: str
     solution: str | None = None
     steps: list[str] | None = None
     reference: str | None = None
     model: str | None = None
+
+
+class CritiqueUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class CritiqueResult(msgspec.Struct, kw_only=True):
+    """The critic's verdicts. ``correct`` is null only when the critique is unparseable (``parsed`` is
+    false and ``error`` says why); ``first_error_step`` is 0-based, -1 when no step is wrong."""
+
+    correct: bool | None
+    first_error_step: int
+    step_verdicts: list[bool]
+    correction: str | None
+    answer: str | None
+    critique: str
+    critic_version: int
+    mode: Literal["direct", "contrastive"]
+    parsed: bool
+    error: str | None
+    usage: CritiqueUsage
 
 
 _STEP_PREFIX = re.compile(r"^\s*step\s*\d+\s*[:.)]\s*", re.IGNORECASE)
@@ -135,11 +253,12 @@ def render_steps(steps: list[str]) -> str:
 
 
 def critique_input(body: CritiqueBody, limits: Limits) -> tuple[str, str, str | None]:
-    """(problem, solution text, reference or None) after every check; ApiError(400) naming the field."""
+    """(problem, solution text, reference or None) after every check; ApiError(400) naming the field.
+
+    Lengths are of the text as sent (before stripping), as the published ``maxLength`` counts them.
+    """
+    _check_text("problem", body.problem, limits)
     problem = body.problem.strip()
-    if not problem:
-        raise ApiError(400, "'problem' must not be empty", param="problem")
-    _check_chars("problem", problem, limits)
     if (body.solution is None) == (body.steps is None):
         raise ApiError(400, "give exactly one of 'solution' (a string) or 'steps' (a list of strings)",
                        param="solution")
@@ -151,26 +270,31 @@ def critique_input(body: CritiqueBody, limits: Limits) -> tuple[str, str, str | 
         for index, step in enumerate(body.steps):
             if not step.strip():
                 raise ApiError(400, f"step {index} is empty", param=f"steps[{index}]")
-        if sum(len(step) for step in body.steps) > limits.max_problem_chars:
-            raise ApiError(400, f"'steps' are too long: {sum(len(s) for s in body.steps)} characters "
+            _check_chars(f"steps[{index}]", step, limits)
+        total = sum(len(step) for step in body.steps)
+        if total > limits.max_problem_chars:
+            raise ApiError(400, f"'steps' are too long: {total} characters together "
                                 f"(at most {limits.max_problem_chars})", param="steps")
         solution = render_steps(body.steps)
     else:
+        _check_text("solution", body.solution or "", limits)
         solution = (body.solution or "").strip()
-        if not solution:
-            raise ApiError(400, "'solution' must not be empty", param="solution")
-        _check_chars("solution", solution, limits)
         lines = sum(1 for line in solution.splitlines() if line.strip())
         if lines > limits.max_steps + 1:  # +1: the final answer line
-            raise ApiError(400, f"too many steps: the solution has {lines} lines (at most {limits.max_steps})",
+            raise ApiError(400, f"too many steps: the solution has {lines} lines (at most {limits.max_steps + 1})",
                            param="solution")
     reference = None
     if body.reference is not None:
+        _check_text("reference", body.reference, limits)
         reference = body.reference.strip()
-        if not reference:
-            raise ApiError(400, "'reference' must not be empty when given", param="reference")
-        _check_chars("reference", reference, limits)
     return problem, solution, reference
+
+
+def _check_text(name: str, text: str, limits: Limits) -> None:
+    """A required text field: at most ``max_problem_chars`` characters and not blank."""
+    _check_chars(name, text, limits)
+    if not text.strip():
+        raise ApiError(400, f"'{name}' must not be empty", param=name)
 
 
 def _check_chars(name: str, text: str, limits: Limits) -> None:
@@ -179,25 +303,22 @@ def _check_chars(name: str, text: str, limits: Limits) -> None:
                        param=name)
 
 
-def critique_result(text: str, generation: Generation, mode: str) -> dict[str, Any]:
-    """The /v1/critique response for the critic's output ``text``.
-
-    ``correct`` is null only when the critique is unparseable (``parsed`` false, ``error`` says why).
-    """
+def critique_result(text: str, generation: Generation, mode: str) -> CritiqueResult:
+    """The /v1/critique response for the critic's output ``text``."""
     parsed = parse_critique(text)
-    return {
-        "correct": parsed.judged_correct if parsed.parsed else None,
-        "first_error_step": parsed.first_error_step,
-        "step_verdicts": list(parsed.step_verdicts),
-        "correction": parsed.correction,
-        "answer": parsed.answer,
-        "critique": text,
-        "critic_version": generation.version,
-        "mode": mode,
-        "parsed": parsed.parsed,
-        "error": parsed.error,
-        "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens},
-    }
+    return CritiqueResult(
+        correct=parsed.judged_correct if parsed.parsed else None,
+        first_error_step=parsed.first_error_step,
+        step_verdicts=list(parsed.step_verdicts),
+        correction=parsed.correction,
+        answer=parsed.answer,
+        critique=text,
+        critic_version=generation.version,
+        mode="contrastive" if mode == "contrastive" else "direct",
+        parsed=parsed.parsed,
+        error=parsed.error,
+        usage=CritiqueUsage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -218,23 +339,82 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
+# JSON has one number type: 5.0 and 1e3 are integers to JSON Schema (and to most JSON encoders), so
+# integer fields decode as int | float and ``_whole`` turns integral floats into ints (5.5 is a 400).
+Integer = int | float
+
+
 class ChatBody(msgspec.Struct, kw_only=True):
     """The OpenAI fields the endpoint uses; other fields (user, logit_bias, ...) are ignored."""
 
     messages: list[ChatMessage]
     model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Integer | None = None
+    max_completion_tokens: Integer | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Integer | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Integer = 1
 
 
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(msgspec.Struct, kw_only=True):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    """``stop_reason`` is the stop string that ended the text (vLLM's field; the text omits it)."""
+
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    stop_reason: str | None
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    """A chat completion (OpenAI's shape) plus the critic version that wrote it."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    critic_version: int
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkDelta(msgspec.Struct, kw_only=True):
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None
+    stop_reason: str | None | UnsetType = UNSET
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    """One ``data:`` event of a streamed completion (``stream: true``); the stream ends with
+    ``data: [DONE]``. With ``stream_options.include_usage`` the last chunk has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    critic_version: int
+    choices: list[ChunkChoice]
+    usage: Usage | UnsetType = UNSET
 
 
 def chat_prompt(body: ChatBody, limits: Limits) -> str:
@@ -248,7 +428,7 @@ def chat_prompt(body: ChatBody, limits: Limits) -> str:
     texts = []
     for index, message in enumerate(body.messages):
         if message.role not in _ROLES:
-            raise ApiError(400, f"messages[{index}].role {message.role!r} is not one of {sorted(_ROLES)}",
+            raise ApiError(400, f"messages[{index}].role {message.role!r} is not one of {list(_ROLES)}",
                            param=f"messages[{index}].role")
         content = message.content
         if content is None:
@@ -260,43 +440,70 @@ def chat_prompt(body: ChatBody, limits: Limits) -> str:
             for part_index, part in enumerate(content):
                 if part.type != "text" or part.text is None:
                     raise ApiError(400, f"messages[{index}].content[{part_index}]: only text parts are supported "
-                                        f"(got type {part.type!r})", param=f"messages[{index}].content")
+                                        f"(got type {part.type!r}{'' if part.text is not None else ' without text'})",
+                                   param=f"messages[{index}].content[{part_index}]")
                 parts.append(part.text)
             text = "".join(parts)
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(400, f"messages[{index}].content is too long: {len(text)} characters "
+                                f"(at most {limits.max_prompt_chars})", param=f"messages[{index}].content")
         texts.append(text)
     prompt = texts[0] if len(texts) == 1 else "\n".join(t for t in texts if t)
     if not prompt.strip():
         raise ApiError(400, "the messages contain no text", param="messages")
     if len(prompt) > limits.max_prompt_chars:
-        raise ApiError(400, f"the messages are too long: {len(prompt)} characters (at most {limits.max_prompt_chars})",
-                       param="messages")
+        raise ApiError(400, f"the messages are too long: {len(prompt)} characters together "
+                            f"(at most {limits.max_prompt_chars})", param="messages")
     return prompt
 
 
 def chat_sampling(body: ChatBody, limits: Limits) -> SamplingParams:
-    """SamplingParams for a chat request; ApiError(400) for out-of-range values."""
-    if body.n != 1:
+    """SamplingParams for a chat request; ApiError(400) for out-of-range values.
+
+    ``max_completion_tokens`` wins over ``max_tokens`` (OpenAI's newer name), but both are checked.
+    """
+    if _whole("n", body.n) != 1:
         raise ApiError(400, f"'n' must be 1 (got {body.n})", param="n")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    counts = {name: _whole(name, getattr(body, name)) for name in ("max_tokens", "max_completion_tokens")}
+    for name, value in counts.items():
+        if value is not None and not 1 <= value <= limits.max_tokens:
+            raise ApiError(400, f"'{name}' must be between 1 and {limits.max_tokens} (got {value})", param=name)
+    max_tokens = counts["max_completion_tokens"]
     if max_tokens is None:
-        max_tokens = limits.default_max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {limits.max_tokens} (got {max_tokens})",
-                       param="max_tokens")
+        max_tokens = counts["max_tokens"]
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, f"'temperature' must be between 0 and 2 (got {temperature})", param="temperature")
+    if not 0.0 <= temperature <= TEMPERATURE_MAX:
+        raise ApiError(400, f"'temperature' must be between 0 and {TEMPERATURE_MAX:g} (got {temperature})",
+                       param="temperature")
+    if temperature < SAMPLING_EPS:
+        temperature = 0.0
     top_p = 1.0 if body.top_p is None else body.top_p
     if not 0.0 < top_p <= 1.0:
         raise ApiError(400, f"'top_p' must be in (0, 1] (got {top_p})", param="top_p")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 8 or any(not s or len(s) > 200 for s in stop):
-        raise ApiError(400, "'stop' must be at most 8 non-empty strings of at most 200 characters", param="stop")
+    if len(stop) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"'stop' must be at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                            "characters", param="stop")
+    seed = _whole("seed", body.seed)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"'seed' must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (got {body.seed})",
+                       param="seed")
     return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
-                          seed=body.seed)
+                          seed=seed)
 
 
-def _finish(generation: Generation, sampling: SamplingParams) -> tuple[str, str, str | None]:
+def _whole(name: str, value: int | float | None) -> int | None:
+    """An integer field's value as an int: 5.0 is 5; 5.5 is a 400."""
+    if value is None or isinstance(value, int):
+        return value
+    if not value.is_integer():
+        raise ApiError(400, f"'{name}' must be an integer (got {value})", param=name)
+    return int(value)
+
+
+def _finish(generation: Generation, sampling: SamplingParams) -> tuple[str, Literal["stop", "length"], str | None]:
     """(text without the matched stop string, finish_reason, stop_reason) as vLLM reports them.
 
     OpenAI servers drop the stop string from the text; vLLM names it in ``stop_reason``, which
@@ -311,23 +518,20 @@ def _finish(generation: Generation, sampling: SamplingParams) -> tuple[str, str,
     return text, "stop", None
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+def _usage(generation: Generation) -> Usage:
+    return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
+                 total_tokens=generation.prompt_tokens + generation.completion_tokens)
 
 
-def chat_completion(generation: Generation, sampling: SamplingParams, model: str) -> dict[str, Any]:
+def chat_completion(generation: Generation, sampling: SamplingParams, model: str) -> ChatCompletion:
     text, finish, stop_reason = _finish(generation, sampling)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "critic_version": generation.version,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish, "stop_reason": stop_reason}],
-        "usage": _usage(generation),
-    }
+    return ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=int(time.time()), model=model,
+        critic_version=generation.version,
+        choices=[ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text), finish_reason=finish,
+                            stop_reason=stop_reason)],
+        usage=_usage(generation),
+    )
 
 
 def chat_chunks(generation: Generation, sampling: SamplingParams, model: str, include_usage: bool = False,
@@ -340,18 +544,137 @@ def chat_chunks(generation: Generation, sampling: SamplingParams, model: str, in
     text, finish, stop_reason = _finish(generation, sampling)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def event(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
-        chunk: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                                 "critic_version": generation.version,
-                                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, **extra}]}
+    def event(choices: list[ChunkChoice], usage: Usage | UnsetType = UNSET) -> bytes:
+        chunk = ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created, model=model,
+                                    critic_version=generation.version, choices=choices, usage=usage)
         return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
 
-    yield event({"role": "assistant", "content": ""})
+    yield event([ChunkChoice(index=0, delta=ChunkDelta(role="assistant", content=""), finish_reason=None)])
     for start in range(0, len(text), piece_chars):
-        yield event({"content": text[start:start + piece_chars]})
-    yield event({}, finish, stop_reason=stop_reason)
+        yield event([ChunkChoice(index=0, delta=ChunkDelta(content=text[start:start + piece_chars]),
+                                 finish_reason=None)])
+    yield event([ChunkChoice(index=0, delta=ChunkDelta(), finish_reason=finish, stop_reason=stop_reason)])
     if include_usage:
-        usage = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [], "usage": _usage(generation)}
-        yield b"data: " + msgspec.json.encode(usage) + b"\n\n"
+        yield event([], _usage(generation))
     yield b"data: [DONE]\n\n"
+
+
+# -------------------------------------------------------------------------------------------------
+# GET /v1/models, GET /healthz
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    critic_version: int
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    """The one model this endpoint serves, and the critic version it serves now."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+def model_list(model: str, created: float, version: int) -> ModelList:
+    return ModelList(object="list", data=[ModelCard(id=model, object="model", created=int(created), owned_by="scrit",
+                                                     critic_version=version)])
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """Liveness and the replica's version; the replica's service adds its swap counters and history."""
+
+    status: Literal["ok"]
+    replica: str
+    model: str
+    critic_version: int
+
+
+# -------------------------------------------------------------------------------------------------
+# The published JSON Schema (OpenAPI components)
+
+PUBLISHED: tuple[type, ...] = (CritiqueBody, CritiqueResult, ChatBody, ChatCompletion, ChatCompletionChunk, ModelList,
+                               Health, ErrorResponse)
+SCHEMA_REF = "#/components/schemas/{name}"
+
+
+def _branch(prop: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The part of a property's schema of JSON type ``kind`` (msgspec writes ``X | None`` as anyOf)."""
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") == kind:
+            return option
+    raise KeyError(f"no {kind!r} branch in {prop}")
+
+
+def _text(chars: int, blank: bool = False) -> dict[str, Any]:
+    text: dict[str, Any] = {"maxLength": chars}
+    if not blank:
+        text.update(minLength=1, pattern=NOT_BLANK)
+    return text
+
+
+def openapi_components(limits: Limits, model_name: str) -> dict[str, Any]:
+    """JSON Schemas of every request and response body, named as ``#/components/schemas/NAME``.
+
+    The shapes come from the Structs above; the replica's ``limits`` and model name are written in,
+    so the schema allows exactly what ``critique_input``, ``chat_prompt`` and ``chat_sampling``
+    accept, except for the rules JSON Schema cannot state, which the descriptions give.
+    """
+    _, components = msgspec.json.schema_components(PUBLISHED, ref_template=SCHEMA_REF)
+    components = copy.deepcopy(components)
+    chars, steps, prompt = limits.max_problem_chars, limits.max_steps, limits.max_prompt_chars
+
+    critique = components["CritiqueBody"]
+    props = critique["properties"]
+    props["problem"].update(_text(chars), description=f"The problem; not blank, at most {chars} characters.")
+    _branch(props["solution"], "string").update(_text(chars))
+    props["solution"]["description"] = (f"The solution as text, one step per line: not blank, at most {chars} "
+                                        f"characters and {steps + 1} non-blank lines (the steps and the answer).")
+    _branch(props["steps"], "array").update(minItems=1, maxItems=steps, items={"type": "string", **_text(chars)})
+    props["steps"]["description"] = (f"The solution as a list of steps: 1 to {steps} non-blank steps of at most "
+                                     f"{chars} characters together.")
+    _branch(props["reference"], "string").update(_text(chars))
+    props["reference"]["description"] = f"A correct solution (contrastive mode); not blank, at most {chars} characters."
+    _branch(props["model"], "string")["enum"] = [model_name]
+    critique["oneOf"] = [  # exactly one of the two, and not null
+        {"required": ["solution"], "properties": {"solution": {"type": "string"}}},
+        {"required": ["steps"], "properties": {"steps": {"type": "array"}}},
+    ]
+    critique["x-scrit-limits"] = {"steps_total_chars": chars, "solution_non_blank_lines": steps + 1}
+
+    part = components["ContentPart"]
+    part["properties"]["type"] = {"type": "string", "enum": ["text"]}
+    part["properties"]["text"] = {"type": "string", "maxLength": prompt}
+    part["required"] = ["type", "text"]
+    message = components["ChatMessage"]
+    message["properties"]["role"] = {"type": "string", "enum": list(_ROLES)}
+    _branch(message["properties"]["content"], "string")["maxLength"] = prompt
+
+    chat = components["ChatBody"]
+    props = chat["properties"]
+    has_text = {"required": ["content"], "properties": {"content": {"anyOf": [
+        {"type": "string", "pattern": NOT_BLANK},
+        {"type": "array", "contains": {"required": ["text"], "properties": {"text": {"pattern": NOT_BLANK}}}},
+    ]}}}
+    props["messages"].update(minItems=1, contains=has_text, description=(
+        f"The conversation; some message must hold text, and all contents together are at most {prompt} characters."))
+    _branch(props["model"], "string")["enum"] = [model_name]
+    for name, low, high in (("max_tokens", 1, limits.max_tokens), ("max_completion_tokens", 1, limits.max_tokens),
+                            ("seed", *SEED_RANGE), ("n", 1, 1)):
+        integer = {"type": "integer", "minimum": low, "maximum": high}  # not Integer's "number" branch
+        nullable = any(option.get("type") == "null" for option in props[name]["anyOf"])
+        props[name] = {key: value for key, value in props[name].items() if key != "anyOf"}
+        props[name].update({"anyOf": [integer, {"type": "null"}]} if nullable else integer)
+    props["max_completion_tokens"]["description"] = "Wins over max_tokens when both are given."
+    _branch(props["temperature"], "number").update(minimum=0, maximum=TEMPERATURE_MAX)
+    props["temperature"]["description"] = f"Below {SAMPLING_EPS:g}: greedy decoding. Default 1."
+    _branch(props["top_p"], "number").update(exclusiveMinimum=0, maximum=1)
+    _branch(props["stop"], "string").update(minLength=1, maxLength=MAX_STOP_CHARS)
+    _branch(props["stop"], "array").update(maxItems=MAX_STOPS, items={"type": "string", "minLength": 1,
+                                                                      "maxLength": MAX_STOP_CHARS})
+    chat["x-scrit-limits"] = {"messages_total_chars": prompt}
+
+    components["ErrorDetail"]["properties"]["message"]["minLength"] = 1
+    return components

@@ -79,7 +79,7 @@ def test_critique_validation_names_the_problem() -> None:
     assert "step 1 is empty" in _critique_error({"problem": "p", "steps": ["a", " "]}).message
     error = _critique_error({"problem": "p" * 50, "solution": "s"}, Limits(max_problem_chars=40))
     assert error.param == "problem" and "too long" in error.message
-    with pytest.raises(ApiError, match="unknown field `solutoin`"):
+    with pytest.raises(ApiError, match="unknown field 'solutoin'"):
         decode_body(b'{"problem": "p", "solutoin": "s"}', CritiqueBody)
     with pytest.raises(ApiError, match=r"Expected `str`, got `int` - at `\$.problem`") as caught:
         decode_body(b'{"problem": 5, "solution": "s"}', CritiqueBody)
@@ -390,7 +390,7 @@ BAD_CRITIQUES = [
     (json.dumps({"problem": "x" * 4001, "solution": "y"}).encode(), 400, "'problem' is too long"),
     (json.dumps({"problem": "x", "solution": "y", "reference": "z" * 4001}).encode(), 400, "'reference' is too long"),
     (b'{"problem": "x", "solution": "y", "model": "gpt-4"}', 404, "model 'gpt-4' does not exist"),
-    (b'{"problem": "x", "solutoin": "y"}', 400, "unknown field `solutoin`"),
+    (b'{"problem": "x", "solutoin": "y"}', 400, "unknown field 'solutoin'"),
 ]
 
 
