@@ -20,14 +20,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto"):
-    """The backend for ``--model``; instruct models get their chat template, as in ``scrit run``."""
+def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto", backend: str = "hf"):
+    """The backend for ``--model``; instruct models get their chat template, as in ``scrit run``.
+    ``backend='vllm'`` takes the default ``vllm:`` engine options (``scrit.config.VLLMConfig``)."""
+    import msgspec
+
     from scrit.backends import make_backend, resolve_model_path, role_backend
+    from scrit.config import VLLMConfig
     from scrit.prompts import resolve_prompt_style, use_chat_template
 
     path = resolve_model_path(spec)
     chat = use_chat_template(path, resolve_prompt_style(path, style))
-    spec, options = role_backend(path, "hf", device=device, batch_size=batch_size, use_chat_template=chat)
+    spec, options = role_backend(path, backend, device=device, batch_size=batch_size, use_chat_template=chat,
+                                 vllm_options=msgspec.structs.asdict(VLLMConfig()))
     return make_backend(spec, **options)
 
 
@@ -43,6 +48,7 @@ def eval_command(
     max_new_tokens: int = typer.Option(512),
     prompt_style: str = typer.Option("auto", help="compact | instruct | auto (compact for seed-family models)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda (HF backend)"),
+    backend: str = typer.Option("hf", help="hf | vllm (the engine that generates the critiques)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line of stdout"),
 ) -> None:
     """Score a critic (DESIGN.md §6): EI-F1, its SCRIT variant and CC-Acc per split."""
@@ -51,12 +57,14 @@ def eval_command(
 
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if backend not in ("hf", "vllm"):
+        _fail(f"--backend must be hf or vllm, got {backend!r}")
     try:
         items = load_bench(bench, data, split, limit)
         if not items:
             _fail("no evaluation items selected")
-        backend = _open_backend(model, batch_size, device, prompt_style)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        engine = _open_backend(model, batch_size, device, prompt_style, backend)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
         _fail(str(error))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -66,12 +74,13 @@ def eval_command(
                   console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"{bench}/{mode}", total=len(items))
         try:
-            report = evaluate(backend, items, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            report = evaluate(engine, items, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               style=resolve_prompt_style(model, prompt_style),
                               on_batch=lambda n: progress.advance(task, n))
         except ValueError as error:
             _fail(str(error))
-    result = {"model": model, "mode": mode, "bench": bench, **report, "seconds": round(time.time() - started, 1)}
+    result = {"model": model, "backend": backend, "mode": mode, "bench": bench, **report,
+              "seconds": round(time.time() - started, 1)}
     if as_json:
         print(json.dumps(result))
     else:

