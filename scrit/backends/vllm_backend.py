@@ -33,13 +33,15 @@ never held twice.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
 
 from scrit.backends.base import Generation, SamplingParams, truncate_at_stop
 from scrit.backends.hf import check_model_dir
@@ -154,12 +156,20 @@ class VLLMBackend:
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine",
                                                  initializer=_set_openmp_threads if self.on_cpu else None,
                                                  initargs=(cpu_threads,))
+        self._pin = threading.RLock()  # held by generate() and load_weights(); see pinned()
         self._llm = self._on_engine_thread(self._start_engine, self.model_path)
         self.max_model_len: int = self._llm.model_config.max_model_len
         tokenizer = self._llm.get_tokenizer()
         self._chat = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template == "auto" \
             else bool(use_chat_template)
         self._version = int(version)
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep the current weights for several ``generate`` calls: a swap waits until the block ends
+        (a Serve batch with several sampling settings makes one call per setting)."""
+        with self._pin:
+            yield
 
     def _on_engine_thread(self, call: Callable[..., _T], *args: Any) -> _T:
         return self._engine_thread.submit(call, *args).result()
@@ -189,7 +199,8 @@ class VLLMBackend:
         if not prompts:
             return []
         params = [self._request_params(sampling, index) for index in range(len(prompts))]
-        outputs, version = self._on_engine_thread(self._run_batch, prompts, params)
+        with self._pin:
+            outputs, version = self._on_engine_thread(self._run_batch, prompts, params)
         generations = []
         for output in outputs:
             completion = output.outputs[0]
@@ -213,7 +224,8 @@ class VLLMBackend:
         """Reload the weights at ``path`` in place, after the batch in flight; see the module docstring."""
         checked = str(check_model_dir(path))
         started = time.perf_counter()
-        self._on_engine_thread(self._swap, int(version), checked)
+        with self._pin:
+            self._on_engine_thread(self._swap, int(version), checked)
         log.info("vLLM engine on version %d (%s) after %.3f s", version, checked, time.perf_counter() - started)
 
     def _swap(self, version: int, path: str) -> None:
