@@ -5,8 +5,8 @@ without it.
 **One process.** The engine core runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 unless the environment already sets it): a Ray actor or Serve replica then holds its whole engine, with
 no spawned engine-core/worker processes to orphan when Ray kills the actor, no ``__main__`` guard
-needed, and one resident copy of torch and vLLM (~1.9 GB with a 1 GiB KV cache, against ~3.3 GB over
-the three processes of vLLM's default mode, measured on the seed).
+needed, and one resident copy of torch and vLLM (~2 GB with a 1 GiB KV cache, against ~3.3 GB over the
+three processes of vLLM's default mode, measured on the seed).
 
 **One engine thread.** Every call into the engine (start, batches, swaps) runs on one thread the backend
 owns. That serializes them: a swap waits for the batch in flight and a batch waits for a swap, and each
@@ -27,8 +27,9 @@ the running model and repacks the weights as the platform needs (CPU linear laye
 loading, so copying into the parameters directly fails); on CPU the LM head is then re-packed too
 (``_repack_lm_head``), and the prefix cache, whose KV blocks were computed with the old weights, is
 dropped. The tokenizer stays (the trainer saves the seed's). Only if the reload raises is the engine
-rebuilt on the new checkpoint, logged as a fallback; the old engine is freed first, so an engine is
-never held twice.
+rebuilt on the new checkpoint, logged as a fallback (the old engine is freed first, so an engine is
+never held twice); if the new checkpoint cannot start an engine either, the engine is restarted on the
+version it had and the error is raised.
 """
 
 from __future__ import annotations
