@@ -23,11 +23,12 @@ Guarantees and choices:
   drawn that many times, so a trainer faster than its producers waits for fresh data instead of
   running epoch after epoch over the same few examples (in one run at lr 3e-4 without a cap the
   critic came to flag nearly every solution and the validator's pass rate fell to 0.15).
-* **Backpressure.** ``room()`` = ``max_ahead`` minus the examples put since the trainer last called
-  ``sample``, never below 0; producers loop ``while buffer.room() == 0: wait`` (or await
-  ``wait_for_room``). *Any* ``sample`` call reopens the room, including one that returned ``None``:
-  a trainer starving for data (or for a short class) must not be blocked by its own producers, or
-  strict balance would deadlock the loop.
+* **Backpressure.** ``room()`` = ``max_ahead`` minus the examples the trainer can already use and has
+  not drawn yet (fresh enough, in balanced batches), never below 0; the driver sends new batches into
+  the pipeline only while there is room. Producers thus run at most ``max_ahead`` usable examples
+  ahead of the trainer, and CPU or GPUs a faster producer would spend on examples nobody trains on
+  go to the trainer instead. A class that is short (strict balance waiting for it) keeps the room
+  open, so the trainer is never blocked by its own producers.
 """
 
 from __future__ import annotations
@@ -108,7 +109,6 @@ class ReplayBuffer:
         self._used: dict[bool, set[int]] = {True: set(), False: set()}
         self._draws: dict[int, int] = {}  # sequence number -> times drawn (for max_reuse)
         self._total = 0
-        self._added_since_sample = 0
         self._samples = 0
         self._short_samples = 0
         self._version = 0
@@ -145,7 +145,6 @@ class ReplayBuffer:
             n = self._log.append(items, sync=self.sync)
             for item in items:
                 self._remember(item)
-            self._added_since_sample += n
         return n
 
     def put_batch(self, batch: bytes | ExampleBatch) -> dict[str, Any]:
@@ -163,12 +162,23 @@ class ReplayBuffer:
         return {"batch_id": batch.batch_id, **batch.counts, "kept": kept, "duplicate": duplicate,
                 "timings": [msgspec.structs.asdict(t) for t in timings],
                 "buffer_size": stats["size"], "buffer_balance": stats["balance"],
-                "staleness_mean": stats["staleness_mean"], "buffer_total": stats["total_appended"]}
+                "staleness_mean": stats["staleness_mean"], "buffer_total": stats["total_appended"],
+                "buffer_ready": stats["ready"], "buffer_room": stats["room"]}
+
+    def _ready(self, pools: dict[bool, list[tuple[int, TrainingExample]]]) -> int:
+        """Examples the trainer can use and has not drawn yet: fresh ones of each class, counted in
+        whole balanced batches (the scarcer class limits them)."""
+        fresh = {label: sum(1 for seq, _ in pool if seq not in self._draws) for label, pool in pools.items()}
+        if self.correct_ratio <= 0.0:
+            return fresh[False]
+        if self.correct_ratio >= 1.0:
+            return fresh[True]
+        return int(min(fresh[True] / self.correct_ratio, fresh[False] / (1.0 - self.correct_ratio)))
 
     def room(self) -> int:
         """How many more examples producers may put before waiting for the trainer."""
         with self._lock:
-            return max(0, self.max_ahead - self._added_since_sample)
+            return max(0, self.max_ahead - self._ready(self._eligible()))
 
     async def wait_for_room(self, timeout: float | None = None, poll_s: float = 0.05) -> int:
         """Wait until ``room() > 0`` or ``timeout`` seconds pass; returns the room (0 on timeout).
@@ -230,7 +240,6 @@ class ReplayBuffer:
         """A balanced batch of fresh-enough examples, or None if the eligible pool cannot supply one.
 
         ``current_version`` (if given) also sets the trainer version, as ``set_version`` does.
-        Every call, successful or not, reopens the producers' room (see the module docstring).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -239,8 +248,7 @@ class ReplayBuffer:
         with self._lock:
             if current_version is not None:
                 self._version = int(current_version)
-            self._added_since_sample = 0
-            pools = self._eligible()
+                pools = self._eligible()
             want_correct = int(batch_size * self.correct_ratio + 0.5)
             want = {True: want_correct, False: batch_size - want_correct}
             have = {label: len(pool) for label, pool in pools.items()}
@@ -292,8 +300,8 @@ class ReplayBuffer:
                 "total_appended": self._total,
                 "last_batch_id": max(self._batches, default=-1),
                 "resumed": self.resumed,
-                "room": max(0, self.max_ahead - self._added_since_sample),
-                "added_since_sample": self._added_since_sample,
+                "room": max(0, self.max_ahead - self._ready(pools)),
+                "ready": self._ready(pools),
                 "samples": self._samples,
                 "short_samples": self._short_samples,
                 "retired": sum(1 for n in self._draws.values() if self.max_reuse and n >= self.max_reuse),

@@ -345,29 +345,32 @@ def test_max_staleness_zero_is_synchronous(tmp_path: Path) -> None:
     buf.close()
 
 
-def test_backpressure(tmp_path: Path) -> None:
+def test_backpressure_counts_what_the_trainer_can_still_use(tmp_path: Path) -> None:
     buf = ReplayBuffer(tmp_path, capacity=100, max_ahead=10)
     assert buf.room() == 10
     _pool(buf, 3, 3)
     assert buf.room() == 4
     _pool(buf, 4, 4, start=10)
-    assert buf.room() == 0  # 14 ahead: never negative, a producer loop `while room() == 0` waits
+    assert buf.room() == 0  # 14 usable ahead: never negative, a producer loop `while room() == 0` waits
     assert asyncio.run(buf.wait_for_room(timeout=0.05)) == 0
-    assert buf.sample(4, 0) is not None
+    assert buf.sample(4, 0) is not None  # 10 fresh left: still no room
+    assert buf.room() == 0
+    assert buf.sample(4, 0) is not None and buf.sample(4, 0) is not None  # 1 + 1 fresh left
+    assert buf.room() == 8
+    buf.set_version(5)  # everything is now too stale to train on (max_staleness 1): room for fresh data
     assert buf.room() == 10
-    buf.put([ex(50)])
-    assert buf.room() == 9
-    assert asyncio.run(buf.wait_for_room(timeout=0.05)) == 9
+    buf.put([ex(50, version=5)])
+    assert asyncio.run(buf.wait_for_room(timeout=0.05)) == 10  # one class alone makes no batch
     buf.close()
 
 
-def test_starved_trainer_reopens_room(tmp_path: Path) -> None:
+def test_a_short_class_keeps_the_room_open(tmp_path: Path) -> None:
     """A trainer that cannot get a balanced batch must not be blocked by its own producers."""
     buf = ReplayBuffer(tmp_path, capacity=100, max_ahead=4)
-    buf.put([ex(i, False) for i in range(4)])
-    assert buf.room() == 0
-    assert buf.sample(4, 0) is None
-    assert buf.room() == 4
+    buf.put([ex(i, False) for i in range(40)])
+    assert buf.room() == 4 and buf.sample(4, 0) is None
+    buf.put([ex(100 + i, True) for i in range(2)])
+    assert buf.room() == 0  # 2 correct + 2 incorrect: one batch's worth is ready
     buf.close()
 
 
@@ -381,7 +384,7 @@ def test_stats(tmp_path: Path) -> None:
     assert s["balance"] == pytest.approx(0.5)
     assert (s["eligible"], s["eligible_correct"], s["eligible_incorrect"]) == (3, 0, 3)  # versions 3..5
     assert s["staleness_max"] == 5 and s["staleness_mean"] == pytest.approx(2.5)
-    assert s["total_appended"] == 6 and s["version"] == 5 and s["room"] == 94
+    assert s["total_appended"] == 6 and s["version"] == 5 and s["room"] == 100  # no correct one: no batch
     # capacity: the window keeps the newest 10, the log keeps everything
     buf.put([ex(10 + i, correct=False, version=5) for i in range(8)])
     s = buf.stats()
@@ -431,7 +434,7 @@ def test_ray_actor_shell(tmp_path: Path) -> None:
         waiting = actor.wait_for_room.remote(timeout=30)  # async: must not block the sample below
         batch = ray.get(actor.sample.remote(4, 1))
         assert batch is not None and Counter(e.student_correct for e in batch) == {True: 2, False: 2}
-        assert ray.get(waiting, timeout=30) == 8
+        assert ray.get(waiting, timeout=30) == 4  # half the pool was drawn
         stats = ray.get(actor.stats.remote())
         assert stats["size"] == 8 and stats["samples"] == 1 and stats["balance"] == 0.5
         ray.kill(actor)
