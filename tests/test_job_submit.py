@@ -198,4 +198,4 @@ def test_ray_job_submit_runs_scrit(head: Head, tmp_path: Path) -> None:
     assert any(r["version"] >= 1 for r in registry)
     assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "report.md").is_file()
     # The job ran this checkout's code from the uploaded working_dir copy, under the runtime env.
-    assert "scrit run" in logs and "done: 1 versions" in logs
+    assert "scrit run" in logs and "completed: 1 versions" in logs
