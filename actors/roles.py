@@ -229,9 +229,7 @@ def pair_solutions(batch: ProblemBatch, parts: Sequence[SolutionBatch], domain: 
     if settings.reference_as_correct:
         for problem in batch.problems:
             reference = reference_solution(domain, problem)
-            # Only where no solver solved the problem: one correct student per problem, as many as the
-            # incorrect ones, so the 1:1 buffer does not throw away every other correct critique.
-            if reference is not None and reference.correct and not any(s.correct for s in by_problem[problem.id]):
+            if reference is not None and reference.correct:
                 by_problem[problem.id].append(reference)
     selected = select_for_critique(by_problem, settings.max_per_class, rng)
     problems = {p.id: p for p in batch.problems}

@@ -85,8 +85,7 @@ class RunConfig(_Section):
     # (README, "What was tried next").
     max_per_class: int = 1
     # The problem's own reference solution (just a correct solution, DESIGN.md §1) joins the solvers'
-    # solutions as a correct one where no solver solved the problem, so weak solvers still yield
-    # correct-vs-incorrect pairs.
+    # solutions as a correct one, so weak solvers still yield correct-vs-incorrect pairs.
     reference_as_correct: bool = True
 
 

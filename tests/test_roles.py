@@ -377,19 +377,3 @@ def test_solver_actor(ray_session, tiny_models: tuple[str, str]) -> None:
     assert [s.text for s in again.solutions] == [s.text for s in out.solutions]
     assert ray.get(solver.stats.remote())["items"] == 8
     ray.kill(solver)
-
-
-def test_pairing_adds_the_reference_only_where_no_solver_solved_the_problem() -> None:
-    solved = SolutionBatch(batch_id=0, solver="s", solutions=[solution(GOOD), solution(BAD)])
-    unsolved = SolutionBatch(batch_id=0, solver="s", solutions=[solution(BAD)])
-    problem = msgspec.structs.replace(PROBLEM, reference=GOOD)
-    batch = ProblemBatch(batch_id=0, problems=[problem])
-    settings = PairingSettings(max_per_class=1, reference_as_correct=True)
-    requests, counts = pair_solutions(batch, [solved], ARITH, settings)
-    assert sorted(r.solution.solver for r in requests) == ["s", "s"]  # the solver's own correct one
-    assert counts == {"problems": 1, "solutions": 2, "solutions_correct": 1, "critiques": 2}
-    requests, _ = pair_solutions(batch, [unsolved], ARITH, settings)
-    students = {r.solution.solver: r for r in requests}
-    assert set(students) == {"s", "reference"} and students["s"].reference.text == GOOD
-    requests, _ = pair_solutions(batch, [unsolved], ARITH, msgspec.structs.replace(settings, reference_as_correct=False))
-    assert requests == []  # no correct solution at all: nothing to contrast with
