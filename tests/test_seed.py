@@ -133,6 +133,17 @@ def test_shipped_seed_checkpoint_is_small_and_loads():
     assert model.config.model_type == "llama" and (path / "seed_info.json").is_file()
 
 
+def test_shipped_careless_solver_is_small_and_loads():
+    from transformers import AutoModelForCausalLM
+
+    from scrit.seed import SOLVER_MODEL_DIRS
+
+    path = SOLVER_MODEL_DIRS["careless"]
+    assert sum(f.stat().st_size for f in path.iterdir() if f.is_file()) <= 10 * 1024 * 1024
+    AutoModelForCausalLM.from_pretrained(path)
+    assert json.loads((path / "seed_info.json").read_text())["recipe"]["mix"] == CARELESS_MIX
+
+
 def test_missing_seed_gives_a_clear_error(monkeypatch, tmp_path):
     import scrit.seed as seed
 
