@@ -81,7 +81,7 @@ def test_chaos_run_survives_killed_critic_trainer_and_buffer(tmp_path: Path) -> 
     process = start_run(run_dir, "--set", "run.versions=3", "--set", "run.max_wall_seconds=1500",
                         "--set", "serve.enabled=true", "--set", f"serve.port={free_port()}")
     counts: list[int] = []
-    requests: list[tuple[float, bool]] = []
+    requests: list[tuple[float, str]] = []  # (sent at, status code or error)
     stop = threading.Event()
 
     def watch_buffer() -> None:
@@ -92,13 +92,14 @@ def test_chaos_run_survives_killed_critic_trainer_and_buffer(tmp_path: Path) -> 
     def query_endpoint(url: str) -> None:
         body = {"problem": "Start with 12. Add 5. Multiply by 3. What is the result?",
                 "steps": ["12 + 5 = 17", "17 * 3 = 52"]}
-        while not stop.is_set():
+        # Until the run writes summary.json: after that it shuts its endpoint down, on purpose.
+        while not stop.is_set() and not (run_dir / "summary.json").is_file():
             started = time.time()
             try:
-                ok = httpx.post(f"{url}/v1/critique", json=body, timeout=60).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            requests.append((started, ok))
+                outcome = str(httpx.post(f"{url}/v1/critique", json=body, timeout=60).status_code)
+            except httpx.HTTPError as error:
+                outcome = type(error).__name__
+            requests.append((started, outcome))
             time.sleep(0.2)
 
     threads = [threading.Thread(target=watch_buffer, daemon=True)]
@@ -130,8 +131,9 @@ def test_chaos_run_survives_killed_critic_trainer_and_buffer(tmp_path: Path) -> 
     assert all(pid in starts[name] and starts[name][-1] != pid for name, pid in killed.items())
     assert counts == sorted(counts) and counts[-1] > 0  # the buffer's examples never went down
     assert requests, "the endpoint was never queried"
-    failed = [t for t, ok in requests if not ok]
-    assert len(failed) <= 3 and not [t for t in failed if t > last_kill + 30]  # none long after the kills
+    failed = [(round(t - last_kill, 1), outcome) for t, outcome in requests if outcome != "200"]
+    # A request may fail around the kills, none long after them (times relative to the last kill).
+    assert len(failed) <= 3 and not [t for t, _ in failed if t > 30], failed
     report = (run_dir / "report.md").read_text()
     assert "status: **completed**" in report and "restarts:" in report
 
