@@ -163,6 +163,9 @@ def run_command(
 
     from scrit.actors.run import RunDirError, SelfPlayRun
     from scrit.progress import RunDisplay
+    from scrit.rundir import stop_signals_interrupt
+
+    stop_signals_interrupt()  # SIGTERM (`ray job stop`) ends the run like Ctrl-C: summary, status interrupted
 
     console = Console(stderr=True)
     directory = run_dir or Path(cfg.run.run_dir)
@@ -201,9 +204,8 @@ def serve_command(
     overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set serve.max_batch_size=16"),
 ) -> None:
     """Serve the critic over HTTP with Ray Serve until Ctrl-C (/v1/critique, OpenAI-compatible /v1/chat/completions)."""
-    import signal
-
     from scrit.config import ConfigError, load_config
+    from scrit.rundir import stop_signals_interrupt
 
     try:
         cfg = load_config(config, overrides)
@@ -225,12 +227,8 @@ def serve_command(
     if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
 
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
     # SIGINT too: a shell that starts a command in the background makes it ignore SIGINT by default.
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
+    stop_signals_interrupt()
     try:
         url = start_critic_endpoint(cfg, model, follow, host=host, port=port, replicas=replicas, api_key=api_key)
         health = httpx.get(f"{url}/healthz", timeout=30).json()

@@ -116,19 +116,36 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(staging, path)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `ray job stop`, Kubernetes and schedulers
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def stop_signals_interrupt() -> None:
+    """SIGTERM stops a run the way Ctrl-C does (KeyboardInterrupt: summary, status 'interrupted').
+
+    Python's default for SIGTERM is to die on the spot, without the summary. Main thread only.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_interrupt)
+
+
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT until the block is done, then raise KeyboardInterrupt (only the main thread can)."""
+    """Hold SIGINT and SIGTERM until the block is done, then raise KeyboardInterrupt (only the main thread can)."""
     received: list[int] = []
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
-        holding = True
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda got, _frame: received.append(got))
     except ValueError:  # not the main thread: signals are not ours to hold
-        holding = False
+        pass
     try:
         yield
     finally:
-        if holding:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received:
         raise KeyboardInterrupt

@@ -28,6 +28,27 @@ def test_ctrl_c_is_held_until_the_block_is_done() -> None:
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_sigterm_is_held_too_and_stop_signals_interrupt_turns_it_into_ctrl_c() -> None:
+    from scrit.rundir import stop_signals_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_signals_interrupt()  # what `scrit run` installs: SIGTERM (`ray job stop`) acts as Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        finished = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                finished.append(True)
+        assert finished == [True]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_no_ctrl_c_no_interrupt() -> None:
     before = signal.getsignal(signal.SIGINT)
     with interrupts_deferred():
