@@ -364,12 +364,20 @@ class SelfPlayRun:
             "restarts": {name: len(pids) - 1 for name, pids in process_starts(self.run_dir, self.started).items()
                          if len(pids) > 1},
             "batch_retries": self.batch_retries,
-            "kept_error_kinds": kept_error_kinds(self.run_dir) if self.cfg.domain.name == "arith" else {},
+            "kept_error_kinds": self._reported(kept_error_kinds, {}) if self.cfg.domain.name == "arith" else {},
             "train": read_events(self.run_dir / "train_metrics.jsonl"),
             "evals": [self.evals[v] for v in sorted(self.evals)],
             "config": config_to_dict(self.cfg, redact=True),
         }
         # summary.json marks a finished run (scripts and tests wait for it): written last, and whole.
-        write_report(self.run_dir, summary)
+        self._reported(lambda run_dir: write_report(run_dir, summary), None)
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+    def _reported(self, make: Callable[[Path], Any], fallback: Any) -> Any:
+        """A report's statistic or plot; one that fails goes to run.log and never costs the run its summary."""
+        try:
+            return make(self.run_dir)
+        except Exception as error:  # noqa: BLE001 - the summary of a 15-minute run matters more
+            self._log_failure(error)
+            return fallback

@@ -337,3 +337,5 @@ def test_error_kind_names_what_wrong_solution_injected():
     assert arith.error_kind(problem, problem.correct_steps()) == "none"
     assert arith.error_kind(problem, ["12 + 5 = 17", "seventeen times three"]) == "other"
     assert arith.error_kind(problem, ["12 + 5 = 17"]) == "other"  # a step is missing
+    # every operation right, then a step the problem does not have (a solver that goes on)
+    assert arith.error_kind(problem, [*problem.correct_steps(), "51 + 1 = 52"]) == "other"

@@ -52,3 +52,21 @@ def test_report_shows_status_and_the_kept_error_kinds_per_solver(tmp_path):
                                    "restarts": {"buffer": 1}, "kept_error_kinds": mix}).read_text()
     assert "status: **failed** (in critic.0: boom" in text and "{'buffer': 1}" in text
     assert "| solver0-careless | 1 | 1 | 0 | 0 | 1 | 0 | 3 |" in text
+
+
+def test_summary_is_written_even_when_a_report_statistic_fails(tmp_path, monkeypatch):
+    """A 14-minute default run once lost its summary.json to an IndexError in kept_error_kinds."""
+    import scrit.report
+    from scrit.actors.run import SelfPlayRun
+    from scrit.config import default_config
+
+    def broken(run_dir):
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(scrit.report, "kept_error_kinds", broken)
+    run = SelfPlayRun(default_config(), tmp_path)
+    summary = run._summary(None, "completed", None)
+    assert summary["kept_error_kinds"] == {} and summary["status"] == "completed"
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    assert (tmp_path / "report.md").is_file()
+    assert "IndexError: tuple index out of range" in (tmp_path / "run.log").read_text()

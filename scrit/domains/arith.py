@@ -152,6 +152,8 @@ def error_kind(problem: ArithProblem, steps: list[str]) -> str:
     index = first_wrong_step(problem, steps)
     if index < 0:
         return "none"
+    if index >= len(problem.ops):  # every operation done right, then steps the problem does not have
+        return "other"
     match = STEP_PATTERN.match(steps[index]) if index < len(steps) else None
     if match is None:
         return "other"
