@@ -35,11 +35,12 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 def test_defaults_are_valid_and_laptop_sized() -> None:
     cfg = default_config()
     assert validate(cfg) is cfg
-    assert cfg.domain.name == "arith" and cfg.critic.model == "seed" and cfg.critic.backend == "hf"
+    assert cfg.domain.name == "arith" and cfg.critic.model == "seed" and cfg.critic.backend == "vllm"
     assert 0 < cfg.resources.actor_num_cpus < 1 and 0 < cfg.resources.train_worker_num_cpus < 1
     assert cfg.buffer.correct_ratio == 0.5
     assert cfg.domain.heldout_seed != cfg.run.seed
     assert len(cfg.solvers) == 1 and cfg.solvers[0].temperature == 1.0
+    assert cfg.solvers[0].model == "careless" and cfg.solvers[0].backend == "vllm"
     assert cfg.corrector.model is None and cfg.validator.enabled and cfg.validator.require_answer_match
 
 
