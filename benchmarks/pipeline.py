@@ -1,7 +1,7 @@
 """The producer pipeline measured side by side (issue: streaming pipeline). Ratios, never a lone time.
 
     .venv/bin/python benchmarks/pipeline.py p1    [--backend hf|vllm] [--batches 4] [--in-flight 3]
-    .venv/bin/python benchmarks/pipeline.py p4    [--backend ...] [--versions 4] [--seconds 420]
+    .venv/bin/python benchmarks/pipeline.py p4    [--backend ...] [--versions 4] [--seconds 420] [--steps-per-version 30]
     .venv/bin/python benchmarks/pipeline.py sync  [--backend ...] [--seconds 300]
 
 * **p1, pipeline efficiency**: critiques per second of the critic stage fed through the actor pipeline
@@ -132,7 +132,8 @@ def p4(args: argparse.Namespace) -> None:
     rates = {}
     for staleness in (1, 0):
         summary = run_once([*backend_overrides(args.backend), f"run.versions={args.versions}",
-                            f"run.max_wall_seconds={args.seconds}", f"buffer.max_staleness={staleness}"],
+                            f"run.max_wall_seconds={args.seconds}", f"buffer.max_staleness={staleness}",
+                            f"train.steps_per_version={args.steps_per_version}"],
                            f"staleness{staleness}")
         times = [r["created_at"] for r in summary["registry"]]
         rate = 60 * (len(times) - 1) / (times[-1] - times[0]) if len(times) >= 2 else 0.0
@@ -172,6 +173,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="p1: alternating rounds of both sides")
     parser.add_argument("--versions", type=int, default=4, help="p4: versions each run publishes")
     parser.add_argument("--seconds", type=float, default=420.0, help="p4/sync: wall-time limit of each run")
+    parser.add_argument("--steps-per-version", type=int, default=30,
+                        help="p4: train.steps_per_version of both runs (the default run's 70 make each run ~15 min)")
     args = parser.parse_args()
     {"p1": p1, "p4": p4, "sync": sync}[args.which](args)
 

@@ -33,9 +33,9 @@ BATCHES = 4
 IN_FLIGHT = 3
 CONFIG = {
     "run": {"problems_per_batch": 4, "batches_in_flight": IN_FLIGHT, "seed": 7, "max_per_class": 1},
-    "critic": {"max_new_tokens": 400, "batch_size": 16, "device": "cpu"},
-    "solvers": [{"model": "seed", "temperature": 0.0, "samples_per_problem": 1, "max_new_tokens": 160,
-                 "device": "cpu"}],
+    "critic": {"backend": "hf", "max_new_tokens": 400, "batch_size": 16, "device": "cpu"},
+    "solvers": [{"model": "seed", "backend": "hf", "temperature": 0.0, "samples_per_problem": 1,
+                 "max_new_tokens": 160, "device": "cpu"}],
     "buffer": {"max_ahead": 1000},
     "resources": {"actor_num_cpus": 0.25},
 }

@@ -169,7 +169,7 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "scrit.cli", "serve", "--model", "seed", "--port", str(port), "--api-key", "cli-key",
+        [sys.executable, "-m", "scrit.cli", "serve", "--model", "seed", "--set", "critic.backend=hf", "--port", str(port), "--api-key", "cli-key",
          "--set", "resources.serve_replica_num_cpus=0.25"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )
@@ -245,6 +245,7 @@ def endpoint(ray_session, tmp_path_factory: pytest.TempPathFactory, checkpoints:
     run_dir = tmp_path_factory.mktemp("run")
     registry = WeightRegistry(run_dir, "seed")
     cfg = default_config()
+    cfg.critic.backend = "hf"  # these replicas test the HF swap path; test_vllm_system.py the vLLM one
     cfg.serve.api_key = KEY
     url = start_critic_endpoint(cfg, "seed", run_dir, port=free_port())
     served = Endpoint(url, run_dir, registry, checkpoints)
@@ -541,6 +542,7 @@ def test_two_replicas_swap_under_load(endpoint: Endpoint, ray_session, tmp_path_
 
     run_dir = tmp_path_factory.mktemp("run-two")
     cfg = default_config()
+    cfg.critic.backend = "hf"  # these replicas test the HF swap path; test_vllm_system.py the vLLM one
     cfg.serve.api_key = KEY
     port = int(endpoint.url.rsplit(":", 1)[1])
     url = start_critic_endpoint(cfg, "seed", run_dir, port=port, replicas=2, app_name="scrit-critic-two",

@@ -222,7 +222,9 @@ def hostile():
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    settings = msgspec.structs.replace(build_settings(default_config(), "seed", api_key=KEY),
+    cfg = default_config()
+    cfg.critic.backend = "hf"  # thousands of 8-token requests: the fast-starting engine will do
+    settings = msgspec.structs.replace(build_settings(cfg, "seed", api_key=KEY),
                                        limits=LIMITS, critique_max_new_tokens=8)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
