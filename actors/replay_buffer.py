@@ -248,7 +248,7 @@ class ReplayBuffer:
         with self._lock:
             if current_version is not None:
                 self._version = int(current_version)
-                pools = self._eligible()
+            pools = self._eligible()
             want_correct = int(batch_size * self.correct_ratio + 0.5)
             want = {True: want_correct, False: batch_size - want_correct}
             have = {label: len(pool) for label, pool in pools.items()}

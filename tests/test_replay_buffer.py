@@ -256,6 +256,17 @@ def test_balance_default_one_to_one(tmp_path: Path) -> None:
     buf.close()
 
 
+def test_sample_without_a_version_uses_the_last_one_set(tmp_path: Path) -> None:
+    buf = ReplayBuffer(tmp_path, capacity=1000, max_ahead=1000, max_staleness=0)
+    _pool(buf, 10, 10)
+    buf.set_version(1)
+    assert buf.sample(4) is None  # version-0 examples are too stale for a version-1 trainer
+    buf.set_version(0)
+    batch = buf.sample(4)
+    assert batch is not None and len(batch) == 4
+    buf.close()
+
+
 def test_balance_ratio_configurable(tmp_path: Path) -> None:
     buf = ReplayBuffer(tmp_path, capacity=1000, correct_ratio=0.25, max_ahead=1000)
     _pool(buf, 30, 70)
