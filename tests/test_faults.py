@@ -132,6 +132,9 @@ def test_chaos_run_survives_killed_critic_trainer_and_buffer(tmp_path: Path) -> 
     assert counts == sorted(counts) and counts[-1] > 0  # the buffer's examples never went down
     assert requests, "the endpoint was never queried"
     failed = [(round(t - last_kill, 1), outcome) for t, outcome in requests if outcome != "200"]
+    print(f"chaos: restarts {summary['restarts']}, batches resent {summary['batch_retries']}, buffer examples "
+          f"{counts[0]} -> {counts[-1]} (never down), endpoint requests {len(requests)}, failed {failed} "
+          f"(seconds after the last kill), versions {summary['versions']}, wall {summary['wall_seconds']} s")
     # A request may fail around the kills, none long after them (times relative to the last kill).
     assert len(failed) <= 3 and not [t for t, _ in failed if t > 30], failed
     report = (run_dir / "report.md").read_text()
@@ -169,6 +172,8 @@ def test_resume_after_killing_the_whole_run(tmp_path: Path) -> None:
     assert not half.exists()
     registry = [json.loads(line) for line in (run_dir / "versions" / "registry.jsonl").read_text().splitlines()]
     assert [r["version"] for r in registry] == [1] and registry[0]["uri"].endswith("v0001")
+    print(f"resume: examples in the buffer log at the kill {before}, after the resumed run {examples_in_log(run_dir)}; "
+          f"half-written checkpoint removed; {summary['versions']} version published, wall {summary['wall_seconds']} s")
     assert examples_in_log(run_dir) >= before > 0  # nothing validated was lost
     starts = process_starts(run_dir)
     assert len(starts["buffer"]) == 2  # the killed run's buffer, then the resumed one
