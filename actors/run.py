@@ -217,8 +217,8 @@ class SelfPlayRun:
             latest = ray.get(self.registry.latest.remote())
             if latest.version != published:
                 published = latest.version
-                self.on_event({"kind": "version", "version": latest.version, "target": cfg.run.versions,
-                               "t": round(time.time() - self.started, 1)})
+                # metrics.jsonl and Prometheus (scrit_critic_version{role="published"}) see each publish
+                self.on_event(self.events.write("version", version=latest.version, target=cfg.run.versions))
             self._schedule_evals(latest.version)
             self._collect_evals()
             if latest.version >= cfg.run.versions:
@@ -247,7 +247,8 @@ class SelfPlayRun:
         event = self.events.write(
             "batch", **{k: v for k, v in report.items() if k != "timings"},
             pass_rate=report.get("validated", 0) / consistent if consistent else None,
-            latest_version=latest_version, in_flight=len(self.pipeline.in_flight), totals=dict(self.counts),
+            latest_version=latest_version if latest_version >= 0 else None,  # -1: drained after the end
+            in_flight=len(self.pipeline.in_flight), totals=dict(self.counts),
             stages={t["stage"]: round(t["end"] - t["start"], 2) for t in report.get("timings", [])},
             tokens=sum(t.get("tokens", 0) for t in report.get("timings", [])),
         )

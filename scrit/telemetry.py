@@ -360,7 +360,7 @@ def count_swap_error(role: str) -> None:
 
 def record_event(event: Mapping[str, Any]) -> None:
     """The driver's run events (``metrics.jsonl`` lines): ``batch`` -> pipeline counters and pass
-    rate; ``eval`` -> EI-F1 / CC-Acc for its version."""
+    rate; ``version`` -> the published version; ``eval`` -> EI-F1 / CC-Acc for its version."""
     if not enabled():
         return
     kind = event.get("kind")
@@ -374,6 +374,8 @@ def record_event(event: Mapping[str, Any]) -> None:
             _labels("scrit_validation_pass_rate").set(float(event["pass_rate"]))
         if event.get("latest_version") is not None:
             set_version("published", int(event["latest_version"]))
+    elif kind == "version" and event.get("version") is not None:  # the driver saw a new published version
+        set_version("published", int(event["version"]))
     elif kind == "eval" and event.get("version") is not None:
         version = int(event["version"])
         for key, name in (("ei_f1", "scrit_eval_ei_f1"), ("cc_acc", "scrit_eval_cc_acc")):

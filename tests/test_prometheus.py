@@ -133,7 +133,7 @@ def test_prometheus_scrapes_a_run(tmp_path, prometheus_binary):
 
         # The run wrote its targets and printed them.
         targets = telemetry.urls_from_targets(run_dir / telemetry.TARGETS_FILE)
-        assert {"driver", "critic.0", "corrector.0", "validator.0", "buffer", "solver0.0", "evaluator", "trainer"} <= set(targets)
+        assert {"driver", "critic.0", "validator.0", "buffer", "solver0-seed.0", "evaluator", "trainer"} <= set(targets)
         assert "prometheus_targets.json" in run.stderr and targets["critic.0"] in run.stderr
 
         time.sleep(2)  # the last scrapes land
@@ -142,7 +142,7 @@ def test_prometheus_scrapes_a_run(tmp_path, prometheus_binary):
         # Prometheus found every target through file_sd and scraped it.
         up = prometheus.query(f'max_over_time(up{{job="scrit"}}{window})')
         scraped = {r["metric"].get("component") for r in up if float(r["value"][1]) == 1}
-        assert {"driver", "critic.0", "corrector.0", "validator.0", "buffer", "solver0.0", "evaluator", "trainer"} <= scraped, up
+        assert {"driver", "critic.0", "validator.0", "buffer", "solver0-seed.0", "evaluator", "trainer"} <= scraped, up
 
         # Critic version per component: series exist for the critic's roles; the published version and
         # the evaluator (which scores every version) reached version 1.

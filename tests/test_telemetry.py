@@ -119,6 +119,8 @@ def test_run_events_feed_pipeline_and_eval_metrics():
     assert value("scrit_validation_pass_rate") == 0.75
     assert value("scrit_critic_version", role="published") == 2
     assert value("scrit_eval_ei_f1", version="2") == 0.4 and value("scrit_eval_cc_acc", version="2") == 0.5
+    telemetry.record_event({"kind": "version", "version": 3, "target": 6})  # the driver saw version 3 published
+    assert value("scrit_critic_version", role="published") == 3
 
 
 def test_buffer_gauges_read_the_live_buffer(tmp_path):
@@ -130,7 +132,8 @@ def test_buffer_gauges_read_the_live_buffer(tmp_path):
     assert value("scrit_buffer_size") == 0 and math.isnan(value("scrit_buffer_balance"))
     buffer.put([TrainingExample(problem_id=f"p{i}", prompt="q", target="t", student_correct=i % 2 == 0, version=0)
                 for i in range(3)])
-    assert value("scrit_buffer_size") == 3 and value("scrit_buffer_room") == 1
+    # room = max_ahead 4 - the examples usable in balanced batches (1 incorrect: 1 + 1 of the 2 correct)
+    assert value("scrit_buffer_size") == 3 and value("scrit_buffer_room") == 2
     assert value("scrit_buffer_balance") == pytest.approx(2 / 3)
     buffer.close()
 
