@@ -42,7 +42,10 @@ def test_a_run_with_every_role_on_vllm_publishes_and_its_actors_use_the_new_vers
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(REPO / "configs" / "tiny-test.yaml"),
                "--run-dir", str(run_dir), "--set", "run.versions=2", "--set", "critic.backend=vllm",
-               "--set", "solvers[0].backend=vllm", "--set", "vllm.kv_cache_gib=0.25"]
+               "--set", "solvers[0].backend=vllm", "--set", "vllm.kv_cache_gib=0.25",
+               # synchronous rounds: version 2 can only be trained on critiques made by version 1, so the
+               # actors must have swapped (the tiny pool could otherwise be used up before version 1)
+               "--set", "buffer.max_staleness=0"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
