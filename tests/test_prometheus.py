@@ -125,7 +125,9 @@ def test_prometheus_scrapes_a_run(tmp_path, prometheus_binary):
         prometheus.wait_ready()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
         command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(REPO / "configs" / "tiny-test.yaml"),
-                   "--run-dir", str(run_dir), "--set", "metrics.enabled=true", "--set", f"run.name={run_name}"]
+                   "--run-dir", str(run_dir), "--set", "metrics.enabled=true", "--set", f"run.name={run_name}",
+                   # tiny-test's 2 steps can let the trainer exit before Prometheus scraped its exporter once
+                   "--set", "train.steps_per_version=40"]
         started = time.monotonic()
         run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stderr[-3000:]
