@@ -282,6 +282,7 @@ class ReplayBuffer:
             size = len(self._window)
             staleness = [max(0, self._version - ex.version) for _, ex in self._window]
             eligible = len(pools[True]) + len(pools[False])
+            ready = self._ready(pools)
             return {
                 "size": size,
                 "capacity": self.capacity,
@@ -300,8 +301,8 @@ class ReplayBuffer:
                 "total_appended": self._total,
                 "last_batch_id": max(self._batches, default=-1),
                 "resumed": self.resumed,
-                "room": max(0, self.max_ahead - self._ready(pools)),
-                "ready": self._ready(pools),
+                "room": max(0, self.max_ahead - ready),
+                "ready": ready,
                 "samples": self._samples,
                 "short_samples": self._short_samples,
                 "retired": sum(1 for n in self._draws.values() if self.max_reuse and n >= self.max_reuse),
