@@ -1,44 +1,47 @@
-"""The producer pipeline: solver -> critic (+ corrector) -> validator -> replay buffer, streaming.
+"""The producer pipeline: solver -> critic -> corrector -> validator -> replay buffer, streaming.
 
-Every stage is a long-lived actor (``actors/shells.py``); a batch of problems flows through them as
-ObjectRefs, actor to actor::
+Every role is a long-lived actor (``actors/shells.py``) generating through its model's engine actors
+(``actors/engines.py``: the critic, corrector and validator share the evolving critic's engines, each
+solver model has its own). A batch of problems flows through the roles as ObjectRefs, actor to actor::
 
-    problems = ray.put(ProblemBatch)
-    parts    = [solver.solve.remote(problems) for each configured solver]     # in parallel
-    critique = critic.critique.remote(problems, *parts)                       # waits for every part
-    critique = corrector.correct.remote(critique)                             # separate corrector only
-    examples = validator.validate.remote(critique)
-    report   = buffer.put_batch.remote(examples)                              # a small dict
+    problems  = ray.put(ProblemBatch)
+    parts     = [solver.stage.remote(problems) for each configured solver]    # in parallel
+    critiques = critic.stage.remote(problems, *parts)                         # waits for every part
+    corrected = corrector.stage.remote(critiques)                             # the critic continues its critique
+    examples  = validator.stage.remote(corrected)
+    report    = buffer.put_batch.remote(examples)                             # a small dict
 
 Ray hands each stage its upstream's output through the object store when it is ready; the driver
 holds only references and reads back the final report (counts, timings, buffer state), never the
 data. ``batches_in_flight`` batches move at once, so while the critic works on one batch the
-solvers already work on the next and the validator on the previous one: on a cluster every role's
-GPUs stay busy. That window also bounds every actor's queue (at most ``batches_in_flight`` calls
-wait at any actor), and the driver submits a new batch only while the replay buffer has room
-(``buffer.max_ahead``), so backpressure reaches from the trainer back to the solvers.
-``batches_in_flight: 1`` is the old synchronous loop: one stage at a time.
+solvers already work on the next and the validator on the previous one; the roles sharing an engine
+send it their requests at the same time, and it batches them together. That window also bounds every
+actor's queue (at most ``batches_in_flight`` calls wait at any actor). The replay buffer's room is a
+budget: the driver submits a batch only while the room left after what the batches in flight will
+bring (their expected kept examples) is positive, so backpressure (``buffer.max_ahead``) reaches from
+the trainer back to the solvers. ``batches_in_flight: 1`` is the old synchronous loop.
 
 Batches of one role are spread round-robin over its actors (``*.num_actors``).
 
-Crashes: stage actors restart (``faults.actor_max_restarts``) and Ray re-runs the interrupted call
-on the restarted actor (``faults.actor_task_retries``; every stage call is idempotent: solver
-samples are seeded by batch id, and the buffer stores a batch once). A batch that still fails
-because an actor died is sent through the pipeline again, up to ``faults.batch_retries`` times;
-only then does the run fail, naming the actor.
+Crashes: actors restart (``faults.actor_max_restarts``) and Ray re-runs the interrupted call on the
+restarted actor (``faults.actor_task_retries``; every stage call is idempotent: solver samples are
+seeded by batch id, and the buffer stores a batch once). A batch that still fails because an actor
+(or the engine it calls) died is sent through the pipeline again, up to ``faults.batch_retries``
+times; only then does the run fail, naming the actor. A stage that raises fails the run at once,
+naming its actor (``StageFailed``).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from scrit.config import ScritConfig
+from scrit.factory import RoleSpec, RunPlan
 from scrit.messages import ProblemBatch, encode
 from scrit.problems import ProblemSource
 
@@ -64,11 +67,15 @@ class _InFlight:
 
 @dataclass
 class RoleActors:
-    """The actors of one role (or one solver model), used round-robin."""
+    """The actors of one role, used round-robin."""
 
-    name: str
+    spec: RoleSpec
     handles: list[Any]
     _turn: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def next(self) -> Any:
         if self._turn is None:
@@ -77,79 +84,43 @@ class RoleActors:
 
 
 class ProducerPipeline:
-    """Starts the stage actors and keeps ``run.batches_in_flight`` batches moving through them."""
+    """Starts the engine and role actors of a ``RunPlan`` and keeps ``run.batches_in_flight`` batches
+    moving through the roles."""
 
-    def __init__(self, cfg: ScritConfig, run_dir: Path, buffer: Any, critic_uri: str, style: str,
-                 chat_template: bool, source: ProblemSource, first_batch_id: int = 0,
-                 actor_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: ScritConfig, plan: RunPlan, run_dir: Path, buffer: Any, source: ProblemSource,
+                 first_batch_id: int = 0, actor_options: dict[str, Any] | None = None) -> None:
+        from scrit.actors.engines import start_engine_hosts
+
         self.cfg = cfg
         self.buffer = buffer
         self.source = source
         self.next_batch_id = first_batch_id
         self.in_flight: dict[Any, _InFlight] = {}  # report ref -> the batch it reports on
         self.retries: list[dict[str, Any]] = []  # batches sent again after an actor died
-        self.roles = self._start(run_dir, critic_uri, style, chat_template, actor_options or {})
+        self.expected_examples = float(cfg.run.problems_per_batch)  # kept per batch; the mean once batches report
+        self._kept: list[int] = []
+        options = actor_options or {}
+        self.plan = plan
+        self.prefix = f"{uuid.uuid4().hex[:8]}/"  # this pipeline's engine host names, apart from any other run's
+        self.hosts = start_engine_hosts(plan.hosts, str(run_dir), options, self.prefix)
+        self.roles = {spec.name: RoleActors(spec, [self.start_role(spec, run_dir, k, options) for k in range(spec.replicas)])
+                      for spec in plan.roles if spec.kind != "evaluator"}
 
-    # ------------------------------------------------------------------------------------ set-up
-    def _start(self, run_dir: Path, critic_uri: str, style: str, chat_template: bool,
-               actor_options: dict[str, Any]) -> dict[str, RoleActors]:
-        from scrit.actors.shells import CorrectorActor, CriticActor, SolverActor, ValidatorActor, start_actor
-        from scrit.backends import resolve_model_path, role_backend
-        from scrit.prompts import resolve_prompt_style, use_chat_template
+    def start_role(self, spec: RoleSpec, run_dir: Path, index: int = 0, actor_options: dict[str, Any] | None = None) -> Any:
+        """Role actor ``index`` of ``spec``, on this pipeline's engine hosts."""
+        from scrit.actors.shells import start_role
 
-        cfg, res = self.cfg, self.cfg.resources
-        place = {"num_cpus": res.actor_num_cpus, "num_gpus": res.actor_num_gpus, "actor_options": actor_options}
-        vllm = msgspec.structs.asdict(cfg.vllm)
-        critic_spec, critic_options = role_backend(
-            critic_uri, cfg.critic.backend, device=cfg.critic.device, dtype=cfg.critic.dtype,
-            batch_size=cfg.critic.batch_size, use_chat_template=chat_template, vllm_options=vllm)
-        sampling = {"max_new_tokens": cfg.critic.max_new_tokens, "temperature": cfg.critic.temperature}
-        roles: dict[str, RoleActors] = {}
-        for index, spec in enumerate(cfg.solvers):
-            model = resolve_model_path(spec.model)
-            solver_style = resolve_prompt_style(model, cfg.critic.prompt_style)
-            solver_spec, solver_options = role_backend(
-                model, spec.backend, device=spec.device, dtype=spec.dtype, batch_size=cfg.critic.batch_size,
-                use_chat_template=use_chat_template(model, solver_style), vllm_options=vllm)
-            name = f"solver{index}-{Path(spec.model).name}"  # e.g. solver0-careless: reports say which model
-            roles[name] = RoleActors(name, [start_actor(
-                SolverActor, solver_spec, **place, name=name, actor_name=f"{name}.{k}", run_dir=str(run_dir),
-                domain=cfg.domain.name,
-                samples_per_problem=spec.samples_per_problem, style=solver_style, backend_options=solver_options,
-                sampling={"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature,
-                          "seed": cfg.run.seed * 1000 + index},
-            ) for k in range(spec.num_actors)])
-        pairing = {"mode": cfg.critic.mode, "max_per_class": cfg.run.max_per_class,
-                   "reference_as_correct": cfg.run.reference_as_correct, "seed": cfg.run.seed}
-        separate_corrector = cfg.corrector.model is not None
-        roles["critic"] = RoleActors("critic", [start_actor(
-            CriticActor, critic_spec, **place, run_dir=str(run_dir), actor_name=f"critic.{k}",
-            domain=cfg.domain.name, style=style, sampling=sampling, pairing=pairing,
-            continuation=None if separate_corrector else sampling, backend_options=critic_options,
-        ) for k in range(cfg.critic.num_actors)])
-        if separate_corrector:
-            model = resolve_model_path(cfg.corrector.model)
-            corrector_spec, corrector_options = role_backend(
-                model, cfg.corrector.backend, batch_size=cfg.critic.batch_size,
-                use_chat_template=use_chat_template(model, style), vllm_options=vllm)
-            roles["corrector"] = RoleActors("corrector", [start_actor(
-                CorrectorActor, corrector_spec, **place, run_dir=str(run_dir), actor_name=f"corrector.{k}",
-                domain=cfg.domain.name,
-                style=style, sampling={"max_new_tokens": cfg.corrector.max_new_tokens, "temperature": 0.0},
-                backend_options=corrector_options,
-            ) for k in range(cfg.corrector.num_actors)])
-        validator = cfg.validator
-        roles["validator"] = RoleActors("validator", [start_actor(
-            ValidatorActor, critic_spec if validator.enabled else None, **place, run_dir=str(run_dir),
-            actor_name=f"validator.{k}", domain=cfg.domain.name, style=style, sampling=sampling,
-            require_answer_match=validator.require_answer_match,
-            require_verdict_match=validator.require_verdict_match, backend_options=critic_options,
-        ) for k in range(validator.num_actors)])
-        return roles
+        hosts = self.plan.hosts_of(spec.engine) if spec.engine is not None else []
+        return start_role(spec, hosts, str(run_dir), index, actor_options, self.prefix)
+
+    def of_kind(self, kind: str) -> list[RoleActors]:
+        return [role for role in self.roles.values() if role.spec.kind == kind]
 
     def actors(self) -> dict[str, Any]:
-        """Every stage actor by a unique name (``critic.0``, ``solver1.0``, ...)."""
-        return {f"{role.name}.{k}": handle for role in self.roles.values() for k, handle in enumerate(role.handles)}
+        """Every role and engine host actor by its unique name (``critic.0``, ``engines.0``, ...)."""
+        out = {role.spec.actor_name(k): handle for role in self.roles.values() for k, handle in enumerate(role.handles)}
+        out.update(self.hosts)
+        return out
 
     def wait_ready(self) -> None:
         import ray
@@ -169,28 +140,33 @@ class ProducerPipeline:
 
     def _send(self, batch: _InFlight) -> None:
         """Chain the stage calls for ``batch``: each gets its upstream's ObjectRef, never the data."""
-        parts = [role.next().solve.remote(batch.problems) for name, role in self.roles.items()
-                 if name.startswith("solver")]
-        critique = self.roles["critic"].next().critique.remote(batch.problems, *parts)
-        if "corrector" in self.roles:
-            critique = self.roles["corrector"].next().correct.remote(critique)
-        examples = self.roles["validator"].next().validate.remote(critique)
+        parts = [role.next().stage.remote(batch.problems) for role in self.of_kind("solver")]
+        critiques = self.roles["critic"].next().stage.remote(batch.problems, *parts)
+        corrected = self.roles["corrector"].next().stage.remote(critiques)
+        examples = self.roles["validator"].next().stage.remote(corrected)
         self.in_flight[self.buffer.put_batch.remote(examples)] = batch
 
     def fill(self, room: int) -> int:
-        """Submit batches until ``batches_in_flight`` are moving, if the buffer has ``room``; returns
-        how many were submitted."""
+        """Submit batches while fewer than ``batches_in_flight`` are moving and the buffer's ``room``
+        (examples it may still take) is not used up by what the batches in flight will bring, each
+        counted as ``expected_examples``; returns how many were submitted."""
+        budget = room - len(self.in_flight) * self.expected_examples
         submitted = 0
-        while room > 0 and len(self.in_flight) < self.cfg.run.batches_in_flight:
+        while budget > 0 and len(self.in_flight) < self.cfg.run.batches_in_flight:
             self.submit()
             submitted += 1
+            budget -= self.expected_examples
         return submitted
 
     def collect(self, timeout: float) -> list[dict[str, Any]]:
         """Reports of the batches that finished within ``timeout`` seconds (oldest first). A batch
-        whose actor died is sent again (``faults.batch_retries``), else BatchFailed names the actor."""
+        whose actor (or engine) died is sent again (``faults.batch_retries``), else BatchFailed names
+        the actor; a stage that raised fails at once."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
+
+        from scrit.actors.engines import EngineUnavailable
+        from scrit.actors.shells import StageFailed
 
         if not self.in_flight:
             time.sleep(min(timeout, 0.2))
@@ -202,19 +178,30 @@ class ProducerPipeline:
             try:
                 report = ray.get(ref)
             except (RayActorError, ActorUnavailableError) as error:
-                component = self._actor_name(error)
-                if batch.attempt >= self.cfg.faults.batch_retries:
-                    raise BatchFailed(component, error) from error
-                self.retries.append({"batch_id": batch.batch_id, "component": component, "attempt": batch.attempt + 1,
-                                     "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
-                self._send(_InFlight(batch.batch_id, batch.problems, batch.submitted, batch.attempt + 1))
+                self._retry(batch, self._actor_name(error), error)
                 continue
-            except ray.exceptions.RayTaskError as error:  # a stage raised: not a crash, retrying will not help
-                raise BatchFailed(self._task_name(error), error) from error
+            except ray.exceptions.RayTaskError as error:
+                cause = getattr(error, "cause", None)
+                if isinstance(cause, EngineUnavailable):  # the engine's process or node is gone: a crash
+                    self._retry(batch, cause.component, error)
+                    continue
+                if isinstance(cause, StageFailed):  # a stage raised: retrying would not help
+                    raise BatchFailed(cause.component, error) from error
+                raise BatchFailed("buffer" if "ReplayBuffer" in str(getattr(error, "function_name", "")) else "pipeline",
+                                  error) from error
             report["latency_s"] = round(time.time() - batch.submitted, 2)
             report["attempts"] = batch.attempt + 1
+            self._kept.append(int(report.get("validated", 0)))
+            self.expected_examples = max(1.0, sum(self._kept[-20:]) / len(self._kept[-20:]))
             reports.append(report)
         return sorted(reports, key=lambda r: r["batch_id"])
+
+    def _retry(self, batch: _InFlight, component: str, error: BaseException) -> None:
+        if batch.attempt >= self.cfg.faults.batch_retries:
+            raise BatchFailed(component, error) from error
+        self.retries.append({"batch_id": batch.batch_id, "component": component, "attempt": batch.attempt + 1,
+                             "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
+        self._send(_InFlight(batch.batch_id, batch.problems, batch.submitted, batch.attempt + 1))
 
     def _actor_name(self, error: BaseException) -> str:
         """Our name (``critic.0``) for the actor a RayActorError is about, else ``pipeline``."""
@@ -223,14 +210,6 @@ class ProducerPipeline:
             if actor_id and handle._actor_id.hex() == actor_id:
                 return name
         return "pipeline"
-
-    def _task_name(self, error: BaseException) -> str:
-        """The stage (``critic``, ``validator``, ...) whose method raised, from Ray's task name."""
-        function = str(getattr(error, "function_name", "") or "")
-        for role in self.roles:
-            if function.lower().startswith(role.rstrip("0123456789")):
-                return role
-        return "buffer" if "ReplayBuffer" in function else "pipeline"
 
     def drain(self, timeout: float) -> list[dict[str, Any]]:
         """Finish the batches in flight (their examples reach the buffer) for up to ``timeout`` seconds."""
@@ -241,7 +220,7 @@ class ProducerPipeline:
         return reports
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Every stage actor's counters (items, tokens, version, swaps)."""
+        """Every role and engine actor's counters (items, tokens, version, swaps)."""
         import ray
 
         handles = self.actors()

@@ -40,19 +40,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from scrit.messages import ExampleBatch, StageTiming, TrainingExample, decode
 from scrit.replay_log import RecordLog
-from scrit.rundir import record_process
+from scrit.rundir import buffer_log_path, record_process
 
 if TYPE_CHECKING:  # pragma: no cover
     from scrit.config import BufferConfig
 
-__all__ = ["ReplayBuffer", "replay_buffer_actor", "buffer_log_path", "buffer_options"]
+__all__ = ["ReplayBuffer", "replay_buffer_actor", "buffer_options"]
 
 
 def buffer_options(cfg: BufferConfig) -> dict[str, Any]:
@@ -60,11 +59,6 @@ def buffer_options(cfg: BufferConfig) -> dict[str, Any]:
     in-process buffer and the Ray actor cannot drift apart when a key is added."""
     return {"capacity": cfg.capacity, "correct_ratio": cfg.correct_ratio, "max_staleness": cfg.max_staleness,
             "max_ahead": cfg.max_ahead, "max_reuse": cfg.max_reuse, "strict": cfg.strict}
-
-
-def buffer_log_path(run_dir: str | os.PathLike[str]) -> Path:
-    """Where a run's replay log lives."""
-    return Path(run_dir) / "buffer" / "examples.log"
 
 
 class ReplayBuffer:

@@ -1,14 +1,16 @@
-"""The self-play roles as plain classes: solver, critic, corrector, validator (DESIGN.md §1).
+"""The self-play roles as plain classes: solver, critic, corrector, validator, evaluator (DESIGN.md §1).
 
-Each role owns an ``InferenceBackend`` and, optionally, a ``VersionFollower``
-(``scrit.checkpoints``) that moves the backend to the newest published critic version; roles call
-it before every batch, so a role picks up a new version between batches and never in the middle of
-one, and every output message records the ``backend.version`` that produced it.
+A role generates through an *engine*: anything with ``generate(prompts, sampling)`` and ``version``
+(``scrit.engine.Engine`` in-process, ``actors.engines.EnginePool`` for the shared engine actors, or a
+bare ``InferenceBackend`` in tests). Engines belong to models: the critic, corrector, validator and
+evaluator share the evolving critic's engine, which moves to each new version between requests; every
+output message records the version that produced it. ``make_role`` builds a role from its
+``scrit.factory.RoleSpec``.
 
 Each role has a per-item method (``solve``, ``critique``, ``correct``, ``validate``) and a batch
 method, the pipeline stage it runs as (``*_batch``: batch messages in, batch messages out, with the
-stage's counts and timings). The Ray shells in ``actors/shells.py`` only build a backend and a
-follower and forward the batch methods, so all of this runs and is tested without Ray, and
+stage's counts and timings); ``stage`` is the same on msgpack bytes, what the generic Ray shell
+(``actors/shells.py``) forwards. So all of this runs and is tested without Ray, and
 ``run_batch_locally`` chains the same stages in one process (the synchronous reference path).
 
 Integrity rule: the roles see problems, solutions, references (correct solutions) and the final
@@ -27,9 +29,9 @@ from typing import Any
 import msgspec
 
 from scrit import telemetry
-from scrit.backends.base import Generation, InferenceBackend, SamplingParams
-from scrit.checkpoints import VersionFollower
+from scrit.backends.base import Generation, SamplingParams
 from scrit.domains.base import Domain
+from scrit.factory import CriticSettings, RoleSpec
 from scrit.messages import (
     Correction,
     Critique,
@@ -42,6 +44,8 @@ from scrit.messages import (
     SolutionBatch,
     StageTiming,
     Validation,
+    decode,
+    encode,
 )
 from scrit.prompts import CORRECTION_MARKER, critic_prompt, corrector_prompt, solver_prompt
 from scrit.selfplay import (
@@ -59,13 +63,15 @@ from scrit.selfplay import (
 __all__ = [
     "Corrector",
     "Critic",
-    "PairingSettings",
+    "Evaluator",
     "SOLUTION_END_STOPS",
     "Solver",
     "Validator",
+    "make_role",
     "request_prompt",
     "run_batch_locally",
 ]
+
 
 log = logging.getLogger(__name__)
 
@@ -103,45 +109,40 @@ class _Stage:
 
 
 class _Role:
-    """Backend, version following and token bookkeeping shared by all roles."""
+    """The engine, the role's name (its metrics label) and token bookkeeping shared by all roles."""
 
-    def __init__(self, backend: InferenceBackend | None, follower: VersionFollower | None = None,
-                 name: str = "") -> None:
-        self.backend = backend
-        self.follower = follower
-        self.name = name or telemetry.role_of(self)
+    def __init__(self, engine: Any, name: str) -> None:
+        self.engine = engine
+        self.name = name
         self.items = 0
         self.batches = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.last_version = engine.version if engine is not None else 0
 
     @property
     def version(self) -> int:
-        return self.backend.version if self.backend is not None else 0
+        """The critic version of the role's latest output (its engine's, before the first)."""
+        return self.last_version
 
-    def maybe_swap(self) -> bool:
-        """Move to the newest published version that loads (between batches only); True if swapped."""
-        return self.follower.poll() if self.follower is not None else False
-
-    def _generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
+    def _generate(self, prompts: Sequence[str], sampling: SamplingParams, **options: Any) -> list[Generation]:
         if not prompts:
             return []
         started = time.perf_counter()
-        generations = self.backend.generate(prompts, sampling)
-        telemetry.record_generation(telemetry.role_of(self), generations, time.perf_counter() - started)
+        generations = self.engine.generate(prompts, sampling, **options)
+        telemetry.record_generation(self.name, generations, time.perf_counter() - started)
         self.batches += 1
         self.items += len(generations)
         self.prompt_tokens += sum(g.prompt_tokens for g in generations)
         self.completion_tokens += sum(g.completion_tokens for g in generations)
+        self.last_version = max(g.version for g in generations)
         return generations
 
     def stats(self) -> dict[str, Any]:
-        """Counters for metrics and the live display: items, tokens, version, swaps."""
-        follower = self.follower.stats() if self.follower is not None else {}
+        """Counters for metrics and the live display: items, tokens, version."""
         return {"role": type(self).__name__, "name": self.name, "version": self.version, "items": self.items,
                 "batches": self.batches, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "swaps": follower.get("swaps", 0),
-                "swap_errors": follower.get("swap_errors", 0), "last_swap_s": follower.get("last_swap_s")}
+                "completion_tokens": self.completion_tokens}
 
 
 class Solver(_Role):
@@ -149,15 +150,14 @@ class Solver(_Role):
 
     def __init__(
         self,
-        backend: InferenceBackend,
+        engine: Any,
         domain: Domain,
         name: str = "solver",
         samples_per_problem: int = 4,
         sampling: SamplingParams | None = None,
         style: str = "compact",
-        follower: VersionFollower | None = None,
     ) -> None:
-        super().__init__(backend, follower, name)
+        super().__init__(engine, name)
         if samples_per_problem < 1:
             raise ValueError(f"samples_per_problem must be >= 1, got {samples_per_problem}")
         self.domain = domain
@@ -173,7 +173,6 @@ class Solver(_Role):
         With a fixed ``sampling.seed`` each call uses ``seed + seed_offset`` (default: the call
         number): repeating the seed would give every batch the same samples.
         """
-        self.maybe_swap()
         sampling = self.sampling
         offset = self._calls if seed_offset is None else seed_offset
         if sampling.seed is not None:
@@ -197,6 +196,10 @@ class Solver(_Role):
         stage.tokens = self.completion_tokens - tokens
         return SolutionBatch(batch_id=batch.batch_id, solver=self.name, solutions=solutions, timings=[stage.timing])
 
+    def stage(self, batch: bytes) -> bytes:
+        """ProblemBatch -> SolutionBatch, as msgpack."""
+        return encode(self.solve_batch(decode(batch, ProblemBatch)))
+
 
 def request_prompt(request: CritiqueRequest, style: str) -> str:
     """The critic prompt for a request: contrastive with its reference, direct without one."""
@@ -204,17 +207,8 @@ def request_prompt(request: CritiqueRequest, style: str) -> str:
     return critic_prompt(request.problem.question, request.solution.text, reference, style)
 
 
-class PairingSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """How the critic stage turns a batch's solutions into critique requests (``scrit.selfplay``)."""
-
-    mode: str = "contrastive"  # contrastive | direct | bug_injection
-    max_per_class: int = 1  # per problem, solver and class
-    reference_as_correct: bool = True  # the problem's reference joins the correct solutions
-    seed: int = 0  # with the batch id, seeds the pairing draws
-
-
 def pair_solutions(batch: ProblemBatch, parts: Sequence[SolutionBatch], domain: Domain,
-                   settings: PairingSettings) -> tuple[list[CritiqueRequest], dict[str, int]]:
+                   settings: CriticSettings) -> tuple[list[CritiqueRequest], dict[str, int]]:
     """Critique requests for one batch from every solver's solutions, and the solver-side counts.
 
     Uses final answers only (``Solution.correct``). Draws are seeded by ``settings.seed`` and the batch
@@ -241,54 +235,43 @@ def pair_solutions(batch: ProblemBatch, parts: Sequence[SolutionBatch], domain: 
 
 
 class Critic(_Role):
-    """Writes the critique up to and including ``Correction:``; with ``continuation`` (the default
-    corrector, as in the paper) the same model then continues its own critique with the correction."""
+    """Writes the critique up to and including ``Correction:`` (the corrector writes what follows)."""
 
     def __init__(
         self,
-        backend: InferenceBackend,
+        engine: Any,
         domain: Domain,
         style: str = "compact",
         sampling: SamplingParams | None = None,
-        follower: VersionFollower | None = None,
-        pairing: PairingSettings | None = None,
-        continuation: SamplingParams | None = None,
+        pairing: CriticSettings | None = None,
+        name: str = "critic",
     ) -> None:
-        super().__init__(backend, follower)
+        super().__init__(engine, name)
         self.domain = domain
         self.style = style
         self.sampling = _with_stops(sampling or SamplingParams(max_new_tokens=512), (CORRECTION_MARKER,))
-        self.pairing = pairing or PairingSettings()
-        # No follower of its own: a swap between a critique and its continuation would mix versions.
-        self.continuation = (Corrector(backend, domain, style, continuation, continue_critique=True)
-                             if continuation is not None else None)
+        self.pairing = pairing or CriticSettings()
 
     def critique(self, requests: Sequence[CritiqueRequest]) -> list[Critique]:
         """One Critique per request, in order; unparseable output gives ``parsed=False``, not an error."""
-        self.maybe_swap()
         generations = self._generate([request_prompt(r, self.style) for r in requests], self.sampling)
         return [critique_from_text(r.problem.id, r.mode, gen.text, gen.version) for r, gen in zip(requests, generations)]
 
     def critique_batch(self, batch: ProblemBatch, parts: Sequence[SolutionBatch], actor: str = "") -> CritiqueBatch:
-        """The critic stage: pair the solvers' solutions, critique them (and, with ``continuation``,
-        write the corrections on the same version)."""
-        tokens = self.stats()["completion_tokens"]
+        """The critic stage: pair the solvers' solutions and critique them (corrections come next)."""
+        tokens = self.completion_tokens
         with _Stage("critique", actor or self.name) as stage:
             requests, counts = pair_solutions(batch, parts, self.domain, self.pairing)
             critiques = self.critique(requests)
-            corrections = self.continuation.correct(requests, critiques) if self.continuation else None
-            stage.tokens = self.stats()["completion_tokens"] - tokens
+            stage.tokens = self.completion_tokens - tokens
         timings = [t for part in parts for t in part.timings] + [stage.timing]
         return CritiqueBatch(batch_id=batch.batch_id, requests=requests, critiques=critiques,
-                             corrections=corrections, counts=counts, timings=timings)
+                             corrections=None, counts=counts, timings=timings)
 
-    def stats(self) -> dict[str, Any]:
-        out = super().stats()
-        if self.continuation is not None:
-            out["correction_items"] = self.continuation.items
-            out["completion_tokens"] += self.continuation.completion_tokens
-            out["prompt_tokens"] += self.continuation.prompt_tokens
-        return out
+    def stage(self, batch: bytes, *solutions: bytes) -> bytes:
+        """ProblemBatch + every solver's SolutionBatch -> CritiqueBatch, as msgpack."""
+        parts = [decode(part, SolutionBatch) for part in solutions]
+        return encode(self.critique_batch(decode(batch, ProblemBatch), parts))
 
 
 def _reached_correction(critique: Critique) -> bool:
@@ -298,9 +281,9 @@ def _reached_correction(critique: Critique) -> bool:
 class Corrector(_Role):
     """Writes the correction that completes a critique.
 
-    ``continue_critique=True`` (default, as in the paper): ``backend`` is the critic's own backend and
+    ``continue_critique=True`` (default, as in the paper): ``engine`` is the critic's own engine and
     the model simply continues its critique, prompt = critic prompt + critique text (ending in
-    ``Correction:``), until EOS. ``continue_critique=False``: ``backend`` is a separately configured
+    ``Correction:``), until EOS. ``continue_critique=False``: ``engine`` is a separately configured
     corrector model prompted with ``corrector_prompt``. Either way the full critique is
     ``critique.raw_text + correction.text`` (``scrit.selfplay.complete_critique``).
 
@@ -310,14 +293,14 @@ class Corrector(_Role):
 
     def __init__(
         self,
-        backend: InferenceBackend,
+        engine: Any,
         domain: Domain,
         style: str = "compact",
         sampling: SamplingParams | None = None,
         continue_critique: bool = True,
-        follower: VersionFollower | None = None,
+        name: str = "corrector",
     ) -> None:
-        super().__init__(backend, follower)
+        super().__init__(engine, name)
         self.domain = domain
         self.style = style
         self.continue_critique = continue_critique
@@ -332,7 +315,6 @@ class Corrector(_Role):
         """One Correction per (request, critique), in order."""
         if len(requests) != len(critiques):
             raise ValueError(f"{len(requests)} requests but {len(critiques)} critiques")
-        self.maybe_swap()
         todo = [i for i, c in enumerate(critiques) if _reached_correction(c)]
         generations = self._generate([self.prompt(requests[i], critiques[i]) for i in todo], self.sampling)
         texts = {i: _strip_stops(g.text, CORRECTION_END_STOPS) for i, g in zip(todo, generations)}
@@ -350,12 +332,16 @@ class Corrector(_Role):
         return out
 
     def correct_batch(self, batch: CritiqueBatch, actor: str = "") -> CritiqueBatch:
-        """The corrector stage (a separately configured corrector model): fill in the corrections."""
+        """The corrector stage: fill in the corrections."""
         tokens = self.completion_tokens
         with _Stage("correct", actor or self.name) as stage:
             corrections = self.correct(batch.requests, batch.critiques)
             stage.tokens = self.completion_tokens - tokens
         return msgspec.structs.replace(batch, corrections=corrections, timings=[*batch.timings, stage.timing])
+
+    def stage(self, batch: bytes) -> bytes:
+        """CritiqueBatch -> CritiqueBatch with corrections, as msgpack."""
+        return encode(self.correct_batch(decode(batch, CritiqueBatch)))
 
 
 class Validator(_Role):
@@ -365,21 +351,21 @@ class Validator(_Role):
     (``require_verdict_match``), and the evolving critic itself, judging the corrected solution with
     no reference (a direct critique), says "correct, no wrong step" -- and, with
     ``require_answer_match``, the corrected solution's final answer equals the problem's. Only the
-    judgment is needed, so generation stops at ``Correction:``. Without a backend (``validator.enabled:
+    judgment is needed, so generation stops at ``Correction:``. Without an engine (``validator.enabled:
     false``, the paper's ablation) every consistent critique is kept.
     """
 
     def __init__(
         self,
-        backend: InferenceBackend | None,
+        engine: Any,
         domain: Domain,
         style: str = "compact",
         sampling: SamplingParams | None = None,
         require_answer_match: bool = True,
         require_verdict_match: bool = True,
-        follower: VersionFollower | None = None,
+        name: str = "validator",
     ) -> None:
-        super().__init__(backend, follower)
+        super().__init__(engine, name)
         self.domain = domain
         self.style = style
         self.require_answer_match = require_answer_match
@@ -390,9 +376,8 @@ class Validator(_Role):
         """One Validation per (problem, corrected solution text), in order."""
         if len(problems) != len(corrected_texts):
             raise ValueError(f"{len(problems)} problems but {len(corrected_texts)} corrected solutions")
-        if self.backend is None:
+        if self.engine is None:
             raise ValueError("this validator has no model (validator.enabled: false)")
-        self.maybe_swap()
         prompts = [critic_prompt(p.question, text, None, self.style) for p, text in zip(problems, corrected_texts)]
         generations = self._generate(prompts, self.sampling)
         out = []
@@ -411,7 +396,6 @@ class Validator(_Role):
         """The validator stage: the batch's kept critiques as training examples, with every count."""
         if batch.corrections is None:
             raise ValueError(f"batch {batch.batch_id} reached the validator without corrections")
-        self.maybe_swap()  # also when nothing reaches the model: the stage reports the version it is on
         tokens = self.completion_tokens
         with _Stage("validate", actor or self.name) as stage:
             candidates = []
@@ -423,7 +407,7 @@ class Validator(_Role):
             if self.require_verdict_match:
                 candidates = [(r, c) for r, c in candidates if verdict_matches_label(c, r.solution)]
             counts["consistent"] = len(candidates)
-            if self.backend is not None and candidates:
+            if self.engine is not None and candidates:
                 texts = [corrected_solution(self.domain, r.solution, c) for r, c in candidates]
                 verdicts = self.validate([r.problem for r, _ in candidates], texts)
                 candidates = [c for c, v in zip(candidates, verdicts) if v.passed]
@@ -435,12 +419,67 @@ class Validator(_Role):
         return ExampleBatch(batch_id=batch.batch_id, examples=examples, counts=counts,
                             timings=[*batch.timings, stage.timing])
 
+    def stage(self, batch: bytes) -> bytes:
+        """CritiqueBatch (with corrections) -> ExampleBatch, as msgpack."""
+        return encode(self.validate_batch(decode(batch, CritiqueBatch)))
 
-def run_batch_locally(batch: ProblemBatch, solvers: Sequence[Solver], critic: Critic, validator: Validator,
-                      corrector: Corrector | None = None) -> ExampleBatch:
+
+class Evaluator(_Role):
+    """Scores critic versions on held-out arith items in direct mode (no reference), off the pipeline:
+    the run's learning curve. The held-out problems come from their own hash bucket, which no training
+    example ever uses (DESIGN.md §6)."""
+
+    def __init__(self, engine: Any, items: Sequence[Any], style: str = "compact",
+                 sampling: SamplingParams | None = None, name: str = "evaluator") -> None:
+        super().__init__(engine, name)
+        self.heldout = list(items)
+        self.style = style
+        self.sampling = sampling or SamplingParams(max_new_tokens=512)
+
+    def evaluate(self, version: int) -> dict[str, Any]:
+        """EI-F1, CC-Acc and the rest (``scrit.evaluate``) of the critic at ``version`` or newer: one
+        engine call, so every item is critiqued by one version, which ``version`` in the result names
+        (newer than asked only if the engine had moved on before the call)."""
+        from scrit.evaluate import build_prompts, score_texts
+
+        prompts = build_prompts(self.heldout, "direct", self.style)
+        generations = self._generate(prompts, self.sampling, min_version=version)
+        report = score_texts(self.heldout, [g.text for g in generations], "direct")
+        return {"version": generations[0].version, **report["average"]}
+
+
+def run_batch_locally(batch: ProblemBatch, solvers: Sequence[Solver], critic: Critic, corrector: Corrector,
+                      validator: Validator) -> ExampleBatch:
     """One batch through every stage in this process, one stage after another: the synchronous
     reference for the streaming pipeline (same stage code, same seeds, so the same examples)."""
     critiqued = critic.critique_batch(batch, [solver.solve_batch(batch) for solver in solvers])
-    if corrector is not None:
-        critiqued = corrector.correct_batch(critiqued)
-    return validator.validate_batch(critiqued)
+    return validator.validate_batch(corrector.correct_batch(critiqued))
+
+
+def make_role(spec: RoleSpec, engine: Any) -> Solver | Critic | Corrector | Validator | Evaluator:
+    """The role ``spec`` describes, generating through ``engine`` (None for a validator without a model)."""
+    from scrit import factory
+    from scrit.selfplay import get_domain
+
+    domain = get_domain(spec.domain)
+    settings = spec.settings
+    if spec.kind == "solver":
+        assert isinstance(settings, factory.SolverSettings)
+        return Solver(engine, domain, spec.name, settings.samples_per_problem, spec.sampling, spec.style)
+    if spec.kind == "critic":
+        assert isinstance(settings, factory.CriticSettings)
+        return Critic(engine, domain, spec.style, spec.sampling, settings, spec.name)
+    if spec.kind == "corrector":
+        assert isinstance(settings, factory.CorrectorSettings)
+        return Corrector(engine, domain, spec.style, spec.sampling, settings.continue_critique, spec.name)
+    if spec.kind == "validator":
+        assert isinstance(settings, factory.ValidatorSettings)
+        return Validator(engine, domain, spec.style, spec.sampling, settings.require_answer_match,
+                         settings.require_verdict_match, spec.name)
+    if spec.kind == "evaluator":
+        assert isinstance(settings, factory.EvaluatorSettings)
+        from scrit.evaluate import build_arith_evalset
+
+        return Evaluator(engine, build_arith_evalset(n=settings.items, seed=settings.seed), spec.style,
+                         spec.sampling, spec.name)
+    raise ValueError(f"no role class for kind {spec.kind!r} (role {spec.name!r})")

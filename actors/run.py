@@ -71,7 +71,8 @@ class SelfPlayRun:
         self.counts = dict.fromkeys(COUNTS, 0)
         self.batch_retries = 0
         self.evals: dict[int, dict[str, Any]] = {}
-        self.pending_evals: dict[Any, int] = {}
+        self.pending_evals: dict[Any, int] = {}  # evaluation ref -> the version asked for
+        self.skipped_evals: set[int] = set()
         self.registry: Any = None
         self.buffer: Any = None
         self.evaluator: Any = None
@@ -108,19 +109,20 @@ class SelfPlayRun:
     def _start(self) -> None:
         import ray
 
+        from scrit.actors.pipeline import ProducerPipeline
         from scrit.actors.registry import weight_registry_actor
         from scrit.actors.replay_buffer import buffer_options, replay_buffer_actor
-        from scrit.backends import resolve_model_path
         from scrit.checkpoints import RegistryError, read_registry, remove_unpublished_checkpoints
+        from scrit.factory import CRITIC_ENGINE, plan_run
         from scrit.problems import ProblemSource
-        from scrit.prompts import resolve_prompt_style, use_chat_template
         from scrit.train.trainer import TrainerThread
 
         cfg = self.cfg
-        self.seed_uri = resolve_model_path(cfg.critic.model)
-        self.style = resolve_prompt_style(self.seed_uri, cfg.critic.prompt_style)
+        plan = plan_run(cfg)
+        critic_engine = next(engine for engine in plan.engines if engine.name == CRITIC_ENGINE)
+        self.seed_uri = critic_engine.model
         # Instruct models get their chat template, in generation and (same flag) in training.
-        self.chat_template = use_chat_template(self.seed_uri, self.style)
+        self.chat_template = critic_engine.chat_template
         if self.resume:
             try:  # a corrupt registry names its file and byte here, before any actor depends on it
                 read_registry(self.run_dir)
@@ -144,46 +146,25 @@ class SelfPlayRun:
         # A resumed run goes on after the last batch the buffer or the log has seen (the driver may
         # have died between a batch's put and its log line).
         last_batch = max([e.get("batch_id", -1) for e in previous] + [buffer_stats["last_batch_id"]])
-        from scrit.actors.pipeline import ProducerPipeline
-
         self.pipeline = ProducerPipeline(
-            cfg, self.run_dir, self.buffer, self.seed_uri, self.style, self.chat_template,
+            cfg, plan, self.run_dir, self.buffer,
             ProblemSource(cfg, skip=sum(e.get("problems", 0) for e in previous)), first_batch_id=last_batch + 1,
             actor_options=restarts)
-        self.evaluator = self._start_evaluator()
+        evaluators = plan.of_kind("evaluator")  # arith with heldout_eval_items > 0: one, on the critic's engines
+        if evaluators:
+            self.evaluator = self.pipeline.start_role(evaluators[0], self.run_dir, 0, restarts)
         self.pipeline.wait_ready()
         if cfg.metrics.enabled:
             from scrit.actors.metrics_targets import MetricsTargets
 
             self.metrics_targets = MetricsTargets(self.run_dir, cfg.run.name, self.registry, cfg.metrics.port)
             self.metrics_targets.add_actors({**self.pipeline.actors(), "buffer": self.buffer,
-                                             "evaluator": self.evaluator})
+                                             **({"evaluator.0": self.evaluator} if self.evaluator else {})})
             self.metrics_targets.watch()
         self._start_endpoint()
         self._schedule_evals(latest.version)
         self.trainer = TrainerThread(cfg, self.run_dir, BUFFER_NAME, REGISTRY_NAME, latest.version,
                                      namespace=self.namespace, chat_template=self.chat_template)
-
-    def _start_evaluator(self) -> Any:
-        """The held-out evaluator actor (arith only: the held-out bucket exists for arith problems)."""
-        cfg = self.cfg
-        if cfg.run.heldout_eval_items <= 0 or cfg.domain.name != "arith":
-            return None
-        import msgspec
-        import ray
-
-        from scrit.actors.evaluator import Evaluator
-        from scrit.backends import role_backend
-
-        spec, options = role_backend(self.seed_uri, cfg.critic.backend, device=cfg.critic.device,
-                                     dtype=cfg.critic.dtype, batch_size=cfg.critic.batch_size,
-                                     use_chat_template=self.chat_template, vllm_options=msgspec.structs.asdict(cfg.vllm))
-        remote = ray.remote(Evaluator).options(num_cpus=cfg.resources.actor_num_cpus, num_gpus=cfg.resources.actor_num_gpus,
-                                               max_restarts=cfg.faults.actor_max_restarts,
-                                               max_task_retries=cfg.faults.actor_task_retries)
-        return remote.remote(spec, cfg.run.heldout_eval_items, cfg.domain.heldout_seed, self.style,
-                             cfg.critic.batch_size, cfg.critic.max_new_tokens, backend_options=options,
-                             run_dir=str(self.run_dir))
 
     def _start_endpoint(self) -> None:
         """The critic's HTTP endpoint (``serve.enabled``), following this run's versions as they appear.
@@ -257,34 +238,41 @@ class SelfPlayRun:
     # ------------------------------------------------------------------------------ evaluation
     def _schedule_evals(self, latest_version: int) -> None:
         """Queue a held-out evaluation for every version not yet scored (only the seed and the latest
-        with ``run.eval_every_version: false``)."""
+        with ``run.eval_every_version: false``). The evaluator scores what the critic's engine serves,
+        at least the version asked for: a version the engine had already moved past is skipped."""
         if self.evaluator is None:
             return
-        import ray
-
         queued = set(self.pending_evals.values())
         for version in range(0, latest_version + 1):
-            if version in self.evals or version in queued:
+            if version in self.evals or version in queued or version in self.skipped_evals:
                 continue
             if version not in (0, latest_version) and not self.cfg.run.eval_every_version:
                 continue
-            weights = ray.get(self.registry.get.remote(version))
-            self.pending_evals[self.evaluator.evaluate_version.remote(version, weights.uri)] = version
+            self.pending_evals[self.evaluator.evaluate.remote(version)] = version
 
     def _collect_evals(self, wait: bool = False) -> None:
+        """Record finished evaluations. One that fails is logged (``eval_error``) and the run goes on:
+        the scores are a window on the run, like the endpoint."""
         import ray
 
         while self.pending_evals:
             ready, _ = ray.wait(list(self.pending_evals), num_returns=1, timeout=None if wait else 0)
             if not ready:
                 return
-            version = self.pending_evals.pop(ready[0])
+            asked = self.pending_evals.pop(ready[0])
             try:
                 scores = ray.get(ready[0])
-            except Exception as error:  # noqa: BLE001
-                raise RunFailed("evaluator", error) from error
-            self.evals[version] = self.events.write("eval", **scores)
-            self.on_event(self.evals[version])
+            except Exception as error:  # noqa: BLE001 - see the docstring
+                self.skipped_evals.add(asked)
+                self._log_failure(error)
+                self.on_event(self.events.write("eval_error", version=asked,
+                                                error=f"{type(error).__name__}: {str(error).splitlines()[0]}"))
+                continue
+            for skipped in range(asked, scores["version"]):
+                self.skipped_evals.add(skipped)  # the engine had moved past it before it was scored
+            if scores["version"] not in self.evals:
+                self.evals[scores["version"]] = self.events.write("eval", **scores)
+                self.on_event(self.evals[scores["version"]])
 
     # ================================================================================== finish
     def _finish(self, status: str, failure: RunFailed | None, started_ray: bool) -> dict[str, Any]:

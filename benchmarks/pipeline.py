@@ -5,9 +5,9 @@
     .venv/bin/python benchmarks/pipeline.py sync  [--backend ...] [--seconds 300]
 
 * **p1, pipeline efficiency**: critiques per second of the critic stage fed through the actor pipeline
-  (problem and solution batches in the object store, ``--in-flight`` batches at once, the critic actor
-  continuing each critique with its correction, results back as msgpack) vs the same engine in this
-  process on the same batches (same threads, same sampling). The solver outputs are made once
+  (problem and solution batches in the object store, ``--in-flight`` batches at once, the critic role
+  actor calling its engine actor, results back as msgpack) vs the same role on the same engine in
+  this process on the same batches (same threads, same sampling). The solver outputs are made once
   beforehand and the other stages stay idle, so the ratio is what the pipeline's plumbing costs
   (serialization, object store, scheduling, gaps between batches); with every stage busy on 2 cores
   they would only take CPU from each other.
@@ -41,35 +41,32 @@ def backend_overrides(backend: str) -> list[str]:
 
 
 def p1(args: argparse.Namespace) -> None:
-    import msgspec
     import ray
     import torch
     from rich.console import Console
 
-    from scrit.actors.roles import Critic, PairingSettings, Solver
-    from scrit.actors.shells import CriticActor, start_actor
-    from scrit.backends import make_backend, resolve_model_path, role_backend
-    from scrit.backends.base import SamplingParams
+    from scrit.actors.engines import engine_actor_names, start_engines
+    from scrit.actors.roles import make_role
+    from scrit.actors.shells import start_role
     from scrit.config import load_config
-    from scrit.domains.arith import ArithDomain
+    from scrit.factory import open_engine, plan_run
     from scrit.messages import ProblemBatch, encode
     from scrit.problems import ProblemSource
 
     console = Console()
     torch.set_num_threads(1)
-    cfg = load_config(None, backend_overrides(args.backend))
-    seed = resolve_model_path("seed")
-    spec, options = role_backend(seed, cfg.critic.backend, device="cpu", batch_size=cfg.critic.batch_size,
-                                 vllm_options=msgspec.structs.asdict(cfg.vllm))
-    backend = make_backend(spec, **options)
-    domain = ArithDomain()
+    cfg = load_config(None, [*backend_overrides(args.backend), "critic.device=cpu", "solvers[0].device=cpu"])
+    plan = plan_run(cfg)
+    critic_spec, solver_spec = plan.role("critic"), plan.of_kind("solver")[0]
+    # The solutions are made once, by the plan's solver role on an in-process engine.
+    solver_engine = open_engine(solver_spec.engine)
+    solver = make_role(solver_spec, solver_engine)
     source = ProblemSource(cfg)
-    solver = Solver(backend, domain, "solver0", 2, SamplingParams(temperature=1.0, max_new_tokens=256, seed=1))
     batches = [ProblemBatch(batch_id=i, problems=source.take(cfg.run.problems_per_batch)) for i in range(args.batches)]
     parts = [solver.solve_batch(batch) for batch in batches]
-    sampling = SamplingParams(max_new_tokens=cfg.critic.max_new_tokens)
-    pairing = PairingSettings(mode="contrastive", max_per_class=1, reference_as_correct=True, seed=0)
-    critic = Critic(backend, domain, sampling=sampling, pairing=pairing, continuation=sampling)
+    solver_engine.close()
+    engine = open_engine(critic_spec.engine)  # the critic's engine, as an engine actor builds it
+    critic = make_role(critic_spec, engine)
 
     def raw() -> tuple[int, float]:
         started = time.perf_counter()
@@ -77,10 +74,9 @@ def p1(args: argparse.Namespace) -> None:
         return critiques, time.perf_counter() - started
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    actor = start_actor(CriticActor, spec, num_cpus=0.25, sampling=msgspec.to_builtins(sampling),
-                        continuation=msgspec.to_builtins(sampling), pairing=msgspec.to_builtins(pairing),
-                        backend_options=options)
-    ray.get(actor.ready.remote())
+    engines = start_engines(critic_spec.engine, None)
+    actor = start_role(critic_spec, engine_actor_names(critic_spec.engine), None)
+    ray.get([actor.ready.remote(), *[e.ready.remote() for e in engines]])
     refs = [(ray.put(encode(b)), ray.put(encode(p))) for b, p in zip(batches, parts)]
 
     def pipelined() -> tuple[int, float]:
@@ -92,7 +88,7 @@ def p1(args: argparse.Namespace) -> None:
         while pending or in_flight:
             while pending and len(in_flight) < args.in_flight:
                 problems, solutions = pending.pop(0)
-                in_flight.append(actor.critique.remote(problems, solutions))
+                in_flight.append(actor.stage.remote(problems, solutions))
             ready, in_flight = ray.wait(in_flight, num_returns=1)
             done += len(decode(ray.get(ready[0]), CritiqueBatch).critiques)
         return done, time.perf_counter() - started

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -261,7 +262,7 @@ class VersionFollower:
     def __init__(self, run_dir: str | os.PathLike[str], backend: Any, role: str, *,
                  verify_checksum: bool = True) -> None:
         self.tail = RegistryTail(run_dir)
-        self.backend = backend
+        self.backend = backend  # None until ``open`` builds it
         self.role = role
         self.verify_checksum = verify_checksum
         self._pending: dict[int, WeightVersion] = {}
@@ -271,7 +272,31 @@ class VersionFollower:
         self.swap_errors = 0
         self.swap_latencies: deque[float] = deque(maxlen=100)  # seconds per completed swap, newest last
         self.history: deque[dict[str, Any]] = deque(maxlen=50)
-        self.since: dict[int, float] = {backend.version: time.time()}
+        self.since: dict[int, float] = {backend.version: time.time()} if backend is not None else {}
+
+    def open(self, build: Callable[[WeightVersion], Any], base: WeightVersion) -> Any:
+        """Build the backend (``build(version)``) on the newest published version above ``base`` that
+        verifies and loads, else on ``base`` (the run's own seed: its failure is raised). A published
+        version that fails is rejected for good, as in ``poll``. Returns the backend (``self.backend``).
+
+        This is how every subscriber starts, and how a restarted one rejoins on the latest version."""
+        with self._lock:
+            newer = sorted((v for v in self.tail.poll() if v.version > base.version and v.version not in self.rejected),
+                           key=lambda v: v.version, reverse=True)
+            for version in [*newer, base]:
+                try:
+                    if version is not base and self.verify_checksum:
+                        verify_checkpoint(version)
+                    backend = build(version)
+                except Exception as error:  # noqa: BLE001 - a broken checkpoint is skipped, never served
+                    if version is base:
+                        raise
+                    self._reject(version, error, previous=None)
+                    continue
+                self.backend = backend
+                self.since[backend.version] = time.time()
+                return backend
+        raise AssertionError("unreachable: the base version either loads or raises")
 
     @property
     def version(self) -> int:
@@ -300,11 +325,7 @@ class VersionFollower:
                 verify_checkpoint(version)
             self.backend.load_weights(version.version, version.uri)
         except Exception as error:  # noqa: BLE001 - a broken checkpoint must not stop the subscriber
-            self.rejected.add(version.version)
-            self.swap_errors += 1
-            telemetry.count_swap_error(self.role)
-            log.error("%s: critic version %d (%s) rejected, staying on %d: %s", self.role, version.version,
-                      version.uri, previous, error)
+            self._reject(version, error, previous)
             return False
         seconds = time.perf_counter() - started
         now = time.time()
@@ -316,6 +337,14 @@ class VersionFollower:
         telemetry.observe_swap(self.role, version, now=now)
         log.info("%s now on critic version %d (was %d; %.2fs)", self.role, version.version, previous, seconds)
         return True
+
+    def _reject(self, version: WeightVersion, error: BaseException, previous: int | None) -> None:
+        self.rejected.add(version.version)
+        self.swap_errors += 1
+        telemetry.count_swap_error(self.role)
+        staying = f"staying on {previous}" if previous is not None else "starting on an older one"
+        log.error("%s: critic version %d (%s) rejected, %s: %s", self.role, version.version, version.uri,
+                  staying, error)
 
     def stats(self) -> dict[str, Any]:
         return {"version": self.backend.version, "swaps": self.swaps, "swap_errors": self.swap_errors,

@@ -21,19 +21,17 @@ def _fail(message: str) -> None:
 
 
 def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto", backend: str = "hf"):
-    """The backend for ``--model``; instruct models get their chat template, as in ``scrit run``.
-    ``backend='vllm'`` takes the default ``vllm:`` engine options (``scrit.config.VLLMConfig``)."""
-    import msgspec
-
-    from scrit.backends import make_backend, resolve_model_path, role_backend
-    from scrit.config import VLLMConfig
-    from scrit.prompts import resolve_prompt_style, use_chat_template
+    """The backend for ``--model``, built by the factory as a run builds its roles' engines (instruct
+    models get their chat template; ``vllm`` takes the default ``vllm.*`` engine options)."""
+    from scrit.backends import resolve_model_path
+    from scrit.config import default_config
+    from scrit.factory import build_backend, engine_spec
+    from scrit.prompts import resolve_prompt_style
 
     path = resolve_model_path(spec)
-    chat = use_chat_template(path, resolve_prompt_style(path, style))
-    spec, options = role_backend(path, backend, device=device, batch_size=batch_size, use_chat_template=chat,
-                                 vllm_options=msgspec.structs.asdict(VLLMConfig()))
-    return make_backend(spec, **options)
+    kind = "http" if path.startswith(("http://", "https://")) else backend
+    return build_backend(engine_spec(default_config(), "eval", path, kind, resolve_prompt_style(path, style),
+                                     device=device, batch_size=batch_size))
 
 
 @app.command("eval")

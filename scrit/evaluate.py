@@ -146,7 +146,12 @@ def evaluate(backend: InferenceBackend, items: Sequence[EvalItem], mode: str = "
         raise ValueError("no evaluation items")
     prompts = build_prompts(items, mode, style)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    texts = generate_all(backend, prompts, sampling, batch_size, on_batch)
+    return score_texts(items, generate_all(backend, prompts, sampling, batch_size, on_batch), mode)
+
+
+def score_texts(items: Sequence[EvalItem], texts: Sequence[str], mode: str = "direct") -> dict[str, Any]:
+    """Scores of the model's outputs for ``items`` (critiques, or solutions in ``solve`` mode), as
+    ``{"splits": {name: metrics}, "average": metrics}``."""
     if mode == "solve":
         splits = score_solutions(items, texts)
         total = sum(m["n"] for m in splits.values())

@@ -12,6 +12,8 @@ from typing import Union
 
 import msgspec
 
+from scrit.backends.base import Generation, SamplingParams
+
 
 class Message(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Base for all messages; the class name is the msgpack tag."""
@@ -142,9 +144,29 @@ class ExampleBatch(Message):
     timings: list[StageTiming] = msgspec.field(default_factory=list)
 
 
+# ------------------------------------------------------------------------------------------------
+# Roles and their model's engine (actors/engines.py)
+
+
+class GenerationRequest(Message):
+    """Prompts a role sends to its model's engine; ``min_version``: the engine must serve at least this
+    critic version (the evaluator scoring a new version)."""
+
+    prompts: list[str]
+    sampling: SamplingParams
+    min_version: int = 0
+    engine: str = ""  # which of the host's engines (a host may hold several models); "" = its only one
+
+
+class GenerationBatch(Message):
+    """The engine's answer: one Generation per prompt, in order, each naming the version that made it."""
+
+    generations: list[Generation]
+
+
 AnyMessage = Union[
     Problem, Solution, CritiqueRequest, Critique, Correction, Validation, TrainingExample, WeightVersion,
-    ProblemBatch, SolutionBatch, CritiqueBatch, ExampleBatch,
+    ProblemBatch, SolutionBatch, CritiqueBatch, ExampleBatch, GenerationRequest, GenerationBatch,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -9,7 +9,6 @@ read from the buffer log, so a user sees whether the data covers the mistakes th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ def kept_error_kinds(run_dir: str | Path) -> dict[str, dict[str, int]]:
 
     Arith only (other domains have no step structure to classify); a report, never loop input.
     """
-    from scrit.actors.replay_buffer import buffer_log_path
+    from scrit.rundir import buffer_log_path
     from scrit.domains import arith
     from scrit.messages import TrainingExample
     from scrit.replay_log import RecordLog

@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "EventLog",
+    "buffer_log_path",
     "RunDirError",
     "interrupts_deferred",
     "prepare_run_dir",
@@ -32,6 +33,11 @@ __all__ = [
 ]
 
 PROCESSES_FILE = "processes.jsonl"
+
+
+def buffer_log_path(run_dir: str | os.PathLike[str]) -> Path:
+    """Where a run's replay log lives (the replay buffer actor owns it; reports read it)."""
+    return Path(run_dir) / "buffer" / "examples.log"
 
 
 class RunDirError(RuntimeError):

@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "METRICS",
-    "MeteredBackend",
     "TrainMeter",
     "TARGETS_FILE",
     "configure",
@@ -51,7 +50,6 @@ __all__ = [
     "record_event",
     "record_generation",
     "render",
-    "role_of",
     "set_version",
     "start_exporter",
     "stop_exporter",
@@ -309,12 +307,6 @@ def stop_exporter() -> None:
 # Recording helpers (no-ops until the process is configured)
 
 
-def role_of(obj: Any) -> str:
-    """``CriticRole`` -> ``critic``: the role label for a role object."""
-    name = type(obj).__name__
-    return name.removesuffix("Role").lower() or name.lower()
-
-
 def record_generation(role: str, generations: Sequence[Any], seconds: float) -> None:
     """One generate() batch: items, prompt/completion tokens, time, tokens/s and the version served.
 
@@ -459,34 +451,6 @@ def observe_request(route: str, code: int, seconds: float) -> None:
     _labels("scrit_endpoint_request_seconds", route=route).observe(max(0.0, seconds))
     if int(code) >= 400:
         _labels("scrit_endpoint_errors_total", route=route, code=int(code)).inc()
-
-
-class MeteredBackend:
-    """An InferenceBackend wrapper that records every generate() under ``role`` and every
-    ``load_weights`` as the version served (for backends used outside the roles: the evaluator, a
-    Serve replica)."""
-
-    def __init__(self, backend: Any, role: str) -> None:
-        self._backend = backend
-        self.role = role
-        set_version(role, backend.version)
-
-    @property
-    def version(self) -> int:
-        return self._backend.version
-
-    def generate(self, prompts: Sequence[str], sampling: Any) -> list[Any]:
-        started = time.perf_counter()
-        out = self._backend.generate(prompts, sampling)
-        record_generation(self.role, out, time.perf_counter() - started)
-        return out
-
-    def load_weights(self, version: int, path: str) -> None:
-        self._backend.load_weights(version, path)
-        set_version(self.role, version)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
 
 
 # --------------------------------------------------------------------------------------------------

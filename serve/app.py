@@ -251,7 +251,7 @@ class CriticServer:
     def __init__(self, settings: ServeSettings) -> None:
         import torch
 
-        torch.set_num_threads(max(1, settings.torch_threads))
+        torch.set_num_threads(max(1, int(settings.role.num_cpus)))  # the whole CPUs the replica asked for
         try:
             from transformers.utils import logging as hf_logging
 
@@ -266,8 +266,7 @@ class CriticServer:
             self.replica_id = f"local-{os.getpid()}"
         self.targets_file = self._start_metrics()
         self.service = CriticService(settings)
-        self.critique_sampling = SamplingParams(max_new_tokens=settings.critique_max_new_tokens, temperature=0.0,
-                                                stop=CRITIQUE_STOPS)
+        self.critique_sampling = msgspec.structs.replace(settings.role.sampling, stop=CRITIQUE_STOPS)
         self._generate_batch.set_max_batch_size(settings.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         log.info("critic replica %s serving version %d from %s", self.replica_id, self.service.active.version,
@@ -436,41 +435,25 @@ def build_settings(cfg: Any, model_uri: str | None = None, follow_run_dir: str |
     (for ``RUN/versions/vNNNN``), else 0. The API key is ``api_key``, else ``serve.api_key``, else
     ``$SCRIT_API_KEY``; replicas get only its sha256.
     """
-    import msgspec
-
-    from scrit.backends import resolve_model_path, role_backend
-    from scrit.prompts import resolve_prompt_style, use_chat_template
+    from scrit.backends import resolve_model_path
+    from scrit.factory import serve_role
     from scrit.serve.follow import run_seed_model
 
     follow = str(Path(follow_run_dir).resolve()) if follow_run_dir is not None else None
-    spec = model_uri or (run_seed_model(follow) if follow else cfg.critic.model)
-    resolved = resolve_model_path(spec)
-    if not resolved.startswith(("http://", "https://")) and Path(resolved).exists():
-        resolved = str(Path(resolved).resolve())
+    resolved = resolve_model_path(model_uri or (run_seed_model(follow) if follow else cfg.critic.model))
     if start_version is None:
         start_version = _published_version_of(resolved) or 0
     key = api_key or cfg.serve.resolved_api_key()
-    style = resolve_prompt_style(resolved, cfg.critic.prompt_style)
-    # The critic role's backend, exactly as the run builds it (hf / vllm / http, chat template).
-    backend_spec, options = role_backend(
-        resolved, cfg.critic.backend, device=cfg.critic.device, dtype=cfg.critic.dtype,
-        batch_size=max(cfg.critic.batch_size, cfg.serve.max_batch_size),
-        use_chat_template=use_chat_template(resolved, style), vllm_options=msgspec.structs.asdict(cfg.vllm))
     return ServeSettings(
-        model_uri=resolved,
-        backend="vllm" if backend_spec.startswith("vllm:") else "hf",
+        role=serve_role(cfg, resolved, follows=follow is not None),  # the critic's backend, as the run builds it
         start_version=int(start_version),
         follow_run_dir=follow,
         poll_s=poll_s,
         model_name=MODEL_NAME,
-        prompt_style=style,
-        backend_options=options,
-        critique_max_new_tokens=cfg.critic.max_new_tokens,
         limits=Limits.from_config(cfg.serve, cfg.critic.max_new_tokens),
         api_key_sha256=_sha256(key) if key else None,
         max_batch_size=cfg.serve.max_batch_size,
         batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
-        torch_threads=max(1, int(cfg.resources.serve_replica_num_cpus)),
         metrics_run=cfg.run.name if cfg.metrics.enabled else None,
     )
 

@@ -30,36 +30,32 @@ from typing import Any, Sequence
 import msgspec
 
 from scrit.backends.base import Generation, SamplingParams
-from scrit.checkpoints import RegistryTail, VersionFollower, verify_checkpoint
-from scrit.messages import WeightVersion
+from scrit.checkpoints import VersionFollower
+from scrit.factory import RoleSpec
 from scrit.serve.schema import Limits
 
 __all__ = ["ActiveModel", "CriticService", "ServeSettings"]
 
 log = logging.getLogger("ray.serve")
 
-_WARMUP_PROMPT = "Critique the student solution.\n"
-
-
 class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a replica needs, built by ``scrit.serve.app.build_settings`` (picklable, no secrets)."""
 
-    model_uri: str = "seed"  # what to serve when no newer version is published (version ``start_version``)
-    start_version: int = 0
+    role: RoleSpec  # the model, backend, prompt style and critique sampling (``scrit.factory.serve_role``)
+    start_version: int = 0  # the version number of ``role.engine.model`` (what is served until a newer one)
     follow_run_dir: str | None = None  # follow this run's registry.jsonl (absolute path)
     poll_s: float = 0.2
     model_name: str = "scrit-critic"
-    prompt_style: str = "compact"
-    backend: str = "hf"  # "hf" or "vllm" (checkpoint directories are loaded as ``vllm:DIR``); URLs pass through
-    backend_options: dict[str, Any] = msgspec.field(default_factory=dict)
-    critique_max_new_tokens: int = 512
     limits: Limits = msgspec.field(default_factory=Limits)
     api_key_sha256: str | None = None  # sha256 hex of the API key; None = no auth
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
-    torch_threads: int = 1
     verify_checksum: bool = True
     metrics_run: str | None = None  # Prometheus ``run`` label (scrit.telemetry, role "serve"); None = off
+
+    @property
+    def prompt_style(self) -> str:
+        return self.role.style
 
 
 ROLE = "serve"  # the telemetry role label of endpoint replicas
@@ -89,19 +85,19 @@ class CriticService:
     """One replica's critic: its backend, the registry follower and batched generation."""
 
     def __init__(self, settings: ServeSettings, *, start_following: bool = True) -> None:
+        from scrit.factory import open_engine
+
         self.settings = settings
         self.requests = 0
         self.batches = 0
         self._stop = threading.Event()
-        self.backend, rejected = self._open()
+        # The newest published version that verifies and loads (else the start model), through the same
+        # VersionFollower that then keeps this replica current (scrit.factory.open_engine).
+        self.engine = open_engine(settings.role.engine, settings.follow_run_dir, base_version=settings.start_version,
+                                  verify_checksum=settings.verify_checksum, poll_s=settings.poll_s, label=ROLE)
+        self.backend = self.engine.backend
+        self.follower: VersionFollower | None = self.engine.follower
         self._started = time.time()
-        self.follower: VersionFollower | None = None
-        if settings.follow_run_dir:
-            self.follower = VersionFollower(settings.follow_run_dir, self.backend, ROLE,
-                                            verify_checksum=settings.verify_checksum)
-            self.follower.tail.poll()  # what _open() already considered is not offered again
-            self.follower.rejected.update(rejected)
-            self.follower.swap_errors += len(rejected)
         self._thread: threading.Thread | None = None
         if self.follower is not None and start_following:
             self._thread = threading.Thread(target=self._follow_loop, name="scrit-follow", daemon=True)
@@ -110,41 +106,11 @@ class CriticService:
         if metrics is not None:
             metrics.set_version(ROLE, self.backend.version)
 
-    def _open(self) -> tuple[Any, set[int]]:
-        """The backend on the newest published version that verifies and loads, else on ``model_uri``
-        as ``start_version``; and the published versions that were rejected on the way."""
-        from scrit.backends import make_backend, resolve_model_path
-
-        settings = self.settings
-        candidates = RegistryTail(settings.follow_run_dir).poll() if settings.follow_run_dir else []
-        base = WeightVersion(version=settings.start_version, uri=resolve_model_path(settings.model_uri),
-                             checksum="", created_at=0.0)
-        rejected: set[int] = set()
-        for version in sorted(candidates, key=lambda v: v.version, reverse=True) + [base]:
-            if version is not base and version.version <= base.version:
-                continue
-            try:
-                if settings.verify_checksum:
-                    verify_checkpoint(version)
-                uri = version.uri
-                spec = f"vllm:{uri}" if settings.backend == "vllm" and not uri.startswith("http") else uri
-                backend = make_backend(spec, version=version.version, **settings.backend_options)
-                backend.generate([_WARMUP_PROMPT], SamplingParams(max_new_tokens=1))  # first-call costs
-            except Exception as error:  # noqa: BLE001 - a broken checkpoint is skipped, never served
-                if version is base:
-                    raise  # nothing else to serve
-                rejected.add(version.version)
-                log.error("critic version %d (%s) is not served: %s", version.version, version.uri, error)
-                continue
-            self._start_uri = uri
-            return backend, rejected
-        raise AssertionError("unreachable: the base model either loads or raises")
-
     @property
     def active(self) -> ActiveModel:
         version = self.backend.version
         since = self.follower.since.get(version) if self.follower is not None else None
-        return ActiveModel(version=version, uri=getattr(self.backend, "model_path", self._start_uri),
+        return ActiveModel(version=version, uri=getattr(self.backend, "model_path", self.settings.role.engine.model),
                            since=since if since is not None else self._started)
 
     @property

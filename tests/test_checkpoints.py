@@ -123,6 +123,38 @@ def test_follower_takes_the_newest_version_that_loads_and_never_retries_a_bad_on
     assert backend.loaded == [2, 6] and follower.swaps == 2 and follower.stats()["rejected"] == [3, 4, 5, 7]
 
 
+def test_open_builds_on_the_newest_version_that_loads_then_follows(tmp_path: Path) -> None:
+    """How every subscriber starts (and a restarted one rejoins): the newest published version that
+    verifies and builds, else the base; the versions that failed are rejected for good."""
+    run = tmp_path / "run"
+    seed = _checkpoint(tmp_path / "seed", b"seed")
+    registry = WeightRegistry(run, seed)
+    built: list[int] = []
+
+    def build(version: WeightVersion) -> Recording:
+        if version.version == 3:
+            raise OSError("cannot build version 3")
+        built.append(version.version)
+        backend = Recording()
+        backend.version = version.version
+        return backend
+
+    base = WeightVersion(version=0, uri=str(seed), checksum="")
+    assert VersionFollower(run, None, "critic-engine").open(build, base).version == 0  # nothing published yet
+    for version, checksum in ((1, None), (2, "sha256:bad"), (3, None)):
+        path = _checkpoint(run / "versions" / f"v{version:04d}", f"v{version}".encode())
+        registry.publish(WeightVersion(version=version, uri=str(path), checksum=checksum or checkpoint_checksum(path)))
+    follower = VersionFollower(run, None, "critic-engine")
+    backend = follower.open(build, base)
+    assert backend.version == 1 and follower.backend is backend and built == [0, 1]
+    assert follower.stats()["rejected"] == [2, 3] and follower.swap_errors == 2
+    path = _checkpoint(run / "versions" / "v0004", b"v4")
+    registry.publish(WeightVersion(version=4, uri=str(path), checksum=checkpoint_checksum(path)))
+    assert follower.poll() and backend.version == 4  # then it follows, in place
+    with pytest.raises(OSError, match="version 3"):  # the base itself failing has nothing to fall back to
+        VersionFollower(tmp_path / "other", None, "x").open(build, WeightVersion(version=3, uri="b", checksum=""))
+
+
 def test_unpublished_checkpoints_are_removed(tmp_path: Path) -> None:
     run = tmp_path / "run"
     registry = WeightRegistry(run, _checkpoint(tmp_path / "seed", b"seed"))

@@ -164,16 +164,16 @@ def test_the_config_fits_the_cluster() -> None:
     cfg = load_config(config_path)
     spec = _cluster_spec("rayjob")
     res = cfg.resources
-    gpu_actors = 1 + len(cfg.solvers) + (1 if cfg.corrector.model else 0)  # critic, solvers, corrector
-    needed = gpu_actors * res.actor_num_gpus + cfg.train.num_workers * res.train_worker_num_gpus
+    engines = cfg.critic.engines + sum(s.engines for s in cfg.solvers) + (1 if cfg.corrector.model else 0)
+    needed = engines * res.engine_num_gpus + cfg.train.num_workers * res.train_worker_num_gpus
     if cfg.serve.enabled:
         needed += res.serve_replicas * res.serve_replica_num_gpus
     available = sum(g["replicas"] * _gpus(_ray_container(g)) for g in spec["workerGroupSpecs"])
     assert 0 < needed <= available, f"config needs {needed} GPUs, the cluster has {available}"
     # Whole GPUs on a cluster (fractions are for laptops), and a vLLM engine gets its tensor-parallel GPUs.
-    for value in (res.actor_num_gpus, res.train_worker_num_gpus):
+    for value in (res.engine_num_gpus, res.train_worker_num_gpus):
         assert value >= 1 and float(value).is_integer()
-    assert res.actor_num_gpus >= cfg.vllm.tensor_parallel_size
+    assert res.engine_num_gpus >= cfg.vllm.tensor_parallel_size and res.actor_num_gpus == 0
     assert cfg.critic.backend == "vllm" and cfg.train.strategy == "deepspeed" and cfg.train.zero_stage == 3
     assert cfg.domain.name == "gsm8k"
     assert cfg.metrics.enabled and cfg.metrics.port == SCRIT_METRICS_PORT

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,19 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
-from scrit.actors.replay_buffer import buffer_log_path
+from scrit.rundir import buffer_log_path
 from scrit.replay_log import LogLockedError, RecordLog
 from scrit.rundir import process_starts
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-test.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_run(run_dir: Path, *extra: str) -> subprocess.Popen:

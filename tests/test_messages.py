@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from scrit import messages as m
+from scrit.backends.base import Generation, SamplingParams
 from scrit.messages import MessageDecodeError, decode, encode
 
 PROBLEM = m.Problem(
@@ -64,11 +65,14 @@ SAMPLES: list[m.Message] = [
                                                            problem_id="arith-7", version=4, created_at=1.0,
                                                            solver="solver0")],
                    counts={"validated": 1}, timings=[m.StageTiming("validate", "validator.0", 13.0, 14.0)]),
+    m.GenerationRequest(prompts=["Critique the student solution.\n", "…"],
+                        sampling=SamplingParams(max_new_tokens=9, stop=("Correction:",), seed=3), min_version=2),
+    m.GenerationBatch(generations=[Generation(text="Step 1: ok", prompt_tokens=30, completion_tokens=10, version=2)]),
 ]
 IDS = [f"{i}-{type(s).__name__}" for i, s in enumerate(SAMPLES)]
 MESSAGE_TYPES = [m.Problem, m.Solution, m.CritiqueRequest, m.Critique, m.Correction, m.Validation,
                  m.TrainingExample, m.WeightVersion, m.ProblemBatch, m.SolutionBatch, m.CritiqueBatch,
-                 m.ExampleBatch]
+                 m.ExampleBatch, m.GenerationRequest, m.GenerationBatch]
 
 
 def test_samples_cover_every_message_type() -> None:

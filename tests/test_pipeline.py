@@ -2,15 +2,15 @@
 
 One pipeline run of a few batches (greedy decoding) is checked against what it must guarantee:
 stages of different batches overlap (read from the timestamps each stage records, not from wall
-time), no more than ``batches_in_flight`` batches are ever in the pipeline and none is submitted
-without buffer room, data flows actor to actor (the driver only gets small reports), and the kept
-examples are exactly what the synchronous, in-process path makes of the same batches.
+time), no more than ``batches_in_flight`` batches are ever in the pipeline and the buffer's room is a
+budget (the batches in flight count against it), data flows actor to actor (the driver only gets small
+reports), the kept examples are exactly what the synchronous, in-process path makes of the same
+batches with roles built by the same factory, and a stage that fails is named by its actor.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -18,41 +18,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ray = pytest.importorskip("ray")
 
-from scrit.actors.pipeline import ProducerPipeline  # noqa: E402
-from scrit.actors.replay_buffer import buffer_log_path, replay_buffer_actor  # noqa: E402
-from scrit.actors.roles import Critic, PairingSettings, Solver, Validator, run_batch_locally  # noqa: E402
-from scrit.backends import make_backend, resolve_model_path  # noqa: E402
-from scrit.backends.base import SamplingParams  # noqa: E402
+import time  # noqa: E402
+
+from scrit.actors.pipeline import BatchFailed, ProducerPipeline, _InFlight  # noqa: E402
+from scrit.actors.replay_buffer import replay_buffer_actor  # noqa: E402
+from scrit.actors.roles import make_role, run_batch_locally  # noqa: E402
 from scrit.config import config_from_dict  # noqa: E402
-from scrit.domains.arith import ArithDomain  # noqa: E402
+from scrit.factory import open_engine, plan_run  # noqa: E402
 from scrit.messages import ProblemBatch, TrainingExample  # noqa: E402
 from scrit.problems import ProblemSource  # noqa: E402
 from scrit.replay_log import RecordLog  # noqa: E402
+from scrit.rundir import buffer_log_path  # noqa: E402
 
 BATCHES = 4
 IN_FLIGHT = 3
 CONFIG = {
-    "run": {"problems_per_batch": 4, "batches_in_flight": IN_FLIGHT, "seed": 7, "max_per_class": 1},
+    "run": {"problems_per_batch": 4, "batches_in_flight": IN_FLIGHT, "seed": 7, "max_per_class": 1,
+            "heldout_eval_items": 0},
     "critic": {"backend": "hf", "max_new_tokens": 400, "batch_size": 16, "device": "cpu"},
     # the careless solver, greedy: ~28 % wrong solutions, so most batches have something to critique
     "solvers": [{"model": "careless", "backend": "hf", "temperature": 0.0, "samples_per_problem": 1,
                  "max_new_tokens": 160, "device": "cpu"}],
     "buffer": {"max_ahead": 1000},
-    "resources": {"actor_num_cpus": 0.25},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import torch
-
-    torch.set_num_threads(1)
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if owned:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +49,29 @@ def streamed(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = config_from_dict(CONFIG)
     run_dir = tmp_path_factory.mktemp("pipeline")
     buffer = replay_buffer_actor(num_cpus=0.05, run_dir=str(run_dir), max_ahead=1000)
-    seed = resolve_model_path("seed")
-    pipeline = ProducerPipeline(cfg, run_dir, buffer, seed, "compact", False, ProblemSource(cfg))
+    pipeline = ProducerPipeline(cfg, plan_run(cfg), run_dir, buffer, ProblemSource(cfg))
     pipeline.wait_ready()
+    # The buffer's room is a budget: each batch in flight counts as the examples it is expected to bring
+    # (problems_per_batch = 4 before the first report).
     assert pipeline.fill(room=0) == 0  # no room in the buffer: nothing enters the pipeline
-    assert pipeline.fill(room=1) == IN_FLIGHT  # room: the window fills up
+    assert pipeline.fill(room=1) == 1  # room for part of a batch: one batch, not a window of them
+    assert pipeline.fill(room=4) == 0  # the batch in flight already uses that room
+    assert pipeline.fill(room=1000) == IN_FLIGHT - 1  # plenty of room: the window fills up
     reports, in_flight = [], []
     while len(reports) < BATCHES:
         while pipeline.next_batch_id < BATCHES and len(pipeline.in_flight) < IN_FLIGHT:
             pipeline.submit()  # one at a time up to BATCHES (fill would top the window up past it)
         in_flight.append(len(pipeline.in_flight))
         reports += pipeline.collect(timeout=0.5)
+    # A stage that raises fails the batch naming its actor (solver0-careless.0, not "pipeline"): here the
+    # solver gets bytes that are not a ProblemBatch, and every later stage passes its error on.
+    broken = _InFlight(99, ray.put(b"not a problem batch"), time.time())
+    pipeline._send(broken)
+    with pytest.raises(BatchFailed) as failed:
+        while pipeline.in_flight:
+            pipeline.collect(timeout=1.0)
     yield {"cfg": cfg, "reports": reports, "in_flight": in_flight, "run_dir": run_dir,
-           "stats": pipeline.stats()}
+           "stats": pipeline.stats(), "failed": failed.value}
     for handle in [*pipeline.actors().values(), buffer]:
         ray.kill(handle)
 
@@ -86,10 +84,11 @@ def test_batches_overlap_in_the_pipeline(streamed: dict) -> None:
     reports = streamed["reports"]
     assert [r["batch_id"] for r in reports] == list(range(BATCHES))
     stages = {r["batch_id"]: {t["stage"]: t for t in r["timings"]} for r in reports}
-    assert all(set(s) == {"solve", "critique", "validate", "put"} for s in stages.values())
+    assert all(set(s) == {"solve", "critique", "correct", "validate", "put"} for s in stages.values())
     for timing in stages.values():  # within a batch the stages run in order
         assert timing["solve"]["end"] <= timing["critique"]["start"] <= timing["critique"]["end"]
-        assert timing["critique"]["end"] <= timing["validate"]["start"] <= timing["put"]["start"]
+        assert timing["critique"]["end"] <= timing["correct"]["start"] <= timing["correct"]["end"]
+        assert timing["correct"]["end"] <= timing["validate"]["start"] <= timing["put"]["start"]
     # Across batches they overlap: a later batch is solved while an earlier one is critiqued/validated.
     overlapping = [(i, j) for i in stages for j in stages if j > i and (
         _overlaps(stages[j]["solve"], stages[i]["critique"]) or _overlaps(stages[j]["critique"], stages[i]["validate"]))]
@@ -102,6 +101,17 @@ def test_the_window_bounds_the_batches_in_flight(streamed: dict) -> None:
     # Hence no actor ever had more than IN_FLIGHT calls waiting: every call belongs to a batch in flight.
     stats = streamed["stats"]
     assert stats["critic.0"]["batches"] >= 1 and stats["solver0-careless.0"]["items"] == BATCHES * 4
+    # One critic engine served the critic, corrector and validator: they all went to it. Both models'
+    # engines live in one host process (resources.colocate_engines, the CPU default).
+    engines = stats["engines.0"]
+    assert engines["critic"]["requests"] >= stats["critic.0"]["batches"] + stats["corrector.0"]["batches"]
+    assert engines["solver0-careless"]["requests"] == stats["solver0-careless.0"]["batches"]
+
+
+def test_a_failing_stage_is_named_by_its_actor(streamed: dict) -> None:
+    failed = streamed["failed"]
+    assert failed.component == "solver0-careless.0", failed
+    assert "MessageDecodeError" in str(failed)
 
 
 def test_streaming_keeps_the_same_examples_as_the_synchronous_path(streamed: dict) -> None:
@@ -110,21 +120,15 @@ def test_streaming_keeps_the_same_examples_as_the_synchronous_path(streamed: dic
     log = RecordLog(buffer_log_path(run_dir), expected=TrainingExample, readonly=True)  # the actor owns it
     streamed_examples = sorted((e.problem_id, e.prompt, e.target, e.student_correct) for e in log.read_all())
 
-    backend = make_backend(resolve_model_path("seed"), device="cpu", batch_size=16)
-    domain = ArithDomain()
-    spec = cfg.solvers[0]
-    solver_backend = make_backend(resolve_model_path("careless"), device="cpu", batch_size=16)
-    solver = Solver(solver_backend, domain, "solver0-careless", spec.samples_per_problem,
-                    SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=0.0, seed=cfg.run.seed * 1000))
-    sampling = SamplingParams(max_new_tokens=cfg.critic.max_new_tokens)
-    pairing = PairingSettings(mode="contrastive", max_per_class=1, reference_as_correct=True, seed=cfg.run.seed)
-    critic = Critic(backend, domain, sampling=sampling, pairing=pairing, continuation=sampling)
-    validator = Validator(backend, domain, sampling=sampling)
+    plan = plan_run(cfg)  # the roles the actors run, built by the same factory, on in-process engines
+    engines = {spec.name: open_engine(spec) for spec in plan.engines}
+    roles = {spec.name: make_role(spec, engines[spec.engine.name]) for spec in plan.roles}
     source = ProblemSource(cfg)
     local = []
     for batch_id in range(BATCHES):
         batch = ProblemBatch(batch_id=batch_id, problems=source.take(cfg.run.problems_per_batch))
-        local += run_batch_locally(batch, [solver], critic, validator).examples
+        local += run_batch_locally(batch, [roles["solver0-careless"]], roles["critic"], roles["corrector"],
+                                   roles["validator"]).examples
     assert local, "the seed kept nothing: the comparison would be empty"
     assert sorted((e.problem_id, e.prompt, e.target, e.student_correct) for e in local) == streamed_examples
     assert sum(r["kept"] for r in streamed["reports"]) == len(local)

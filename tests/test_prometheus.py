@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from scrit import telemetry
 
@@ -57,12 +57,6 @@ def prometheus_binary() -> str:
     return shutil.which("prometheus")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
@@ -70,7 +64,7 @@ def _get_json(url: str, timeout: float = 5.0) -> dict:
 
 class Prometheus:
     def __init__(self, binary: str, config: Path, storage: Path, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen(
@@ -135,7 +129,9 @@ def test_prometheus_scrapes_a_run(tmp_path, prometheus_binary):
 
         # The run wrote its targets and printed them.
         targets = telemetry.urls_from_targets(run_dir / telemetry.TARGETS_FILE)
-        assert {"driver", "critic.0", "validator.0", "buffer", "solver0-seed.0", "evaluator", "trainer"} <= set(targets)
+        components = {"driver", "critic.0", "corrector.0", "validator.0", "buffer", "solver0-seed.0", "evaluator.0",
+                      "engines.0", "trainer"}
+        assert components <= set(targets), targets
         assert "prometheus_targets.json" in run.stderr and targets["critic.0"] in run.stderr
 
         time.sleep(2)  # the last scrapes land
@@ -144,14 +140,17 @@ def test_prometheus_scrapes_a_run(tmp_path, prometheus_binary):
         # Prometheus found every target through file_sd and scraped it.
         up = prometheus.query(f'max_over_time(up{{job="scrit"}}{window})')
         scraped = {r["metric"].get("component") for r in up if float(r["value"][1]) == 1}
-        assert {"driver", "critic.0", "validator.0", "buffer", "solver0-seed.0", "evaluator", "trainer"} <= scraped, up
+        assert components <= scraped, up
 
-        # Critic version per component: series exist for the critic's roles; the published version and
-        # the evaluator (which scores every version) reached version 1.
+        # Critic version per role and engine (one name each: the role's, the engine's label): the published
+        # version, the critic's engine and the evaluator (which scores every version) reached version 1.
         versions = prometheus.query(f"max_over_time(scrit_critic_version{{{sel}}}{window})")
         roles = {r["metric"]["role"]: float(r["value"][1]) for r in versions}
-        assert {"critic", "corrector", "validator", "solver", "evaluator", "published"} <= set(roles), roles
-        assert roles["published"] >= 1 and roles["evaluator"] >= 1, roles
+        assert {"critic", "corrector", "validator", "solver0-seed", "evaluator", "published", "critic-engine",
+                "solver0-seed-engine"} <= set(roles), roles
+        assert roles["published"] >= 1 and roles["evaluator"] >= 1 and roles["critic-engine"] >= 1, roles
+        swaps = prometheus.value(f'max_over_time(scrit_swaps_total{{{sel},role="critic-engine"}}{window})')
+        assert swaps == 1, swaps  # one engine loaded the version once for the critic, corrector, validator, evaluator
         first = prometheus.value(f'min_over_time(scrit_critic_version{{{sel},role="published"}}{window})')
         assert first == 0
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from scrit.actors.replay_buffer import ReplayBuffer, buffer_log_path, buffer_options
+from scrit.actors.replay_buffer import ReplayBuffer, buffer_options
+from scrit.rundir import buffer_log_path
 from scrit.messages import Problem, TrainingExample, encode
 from scrit.replay_log import HEADER, MAGIC, LogLockedError, RecordLog, frame
 
@@ -431,27 +432,20 @@ def test_buffer_module_does_not_import_ray() -> None:
 # Ray actor shell
 
 
-def test_ray_actor_shell(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
+def test_ray_actor_shell(ray_session, tmp_path: Path) -> None:
+    ray = ray_session
     from scrit.actors.replay_buffer import replay_buffer_actor
 
-    owned = not ray.is_initialized()  # reuse a session another module started; shut down only ours
-    if owned:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        actor = replay_buffer_actor(run_dir=str(tmp_path), capacity=100, max_ahead=8)
-        assert ray.get(actor.put.remote([ex(i, i % 2 == 0, version=1) for i in range(8)])) == 8
-        assert ray.get(actor.room.remote()) == 0
-        waiting = actor.wait_for_room.remote(timeout=30)  # async: must not block the sample below
-        batch = ray.get(actor.sample.remote(4, 1))
-        assert batch is not None and Counter(e.student_correct for e in batch) == {True: 2, False: 2}
-        assert ray.get(waiting, timeout=30) == 4  # half the pool was drawn
-        stats = ray.get(actor.stats.remote())
-        assert stats["size"] == 8 and stats["samples"] == 1 and stats["balance"] == 0.5
-        ray.kill(actor)
-    finally:
-        if owned:
-            ray.shutdown()
+    actor = replay_buffer_actor(run_dir=str(tmp_path), capacity=100, max_ahead=8)
+    assert ray.get(actor.put.remote([ex(i, i % 2 == 0, version=1) for i in range(8)])) == 8
+    assert ray.get(actor.room.remote()) == 0
+    waiting = actor.wait_for_room.remote(timeout=30)  # async: must not block the sample below
+    batch = ray.get(actor.sample.remote(4, 1))
+    assert batch is not None and Counter(e.student_correct for e in batch) == {True: 2, False: 2}
+    assert ray.get(waiting, timeout=30) == 4  # half the pool was drawn
+    stats = ray.get(actor.stats.remote())
+    assert stats["size"] == 8 and stats["samples"] == 1 and stats["balance"] == 0.5
+    ray.kill(actor)
     # what the actor acknowledged is on disk
     with RecordLog(buffer_log_path(tmp_path), readonly=True) as rlog:
         assert rlog.count == 8
@@ -462,7 +456,7 @@ def test_put_batch_stores_a_batch_once_and_reports_it(tmp_path: Path) -> None:
     also by a buffer restarted from the log."""
     import msgspec
 
-    from scrit.messages import ExampleBatch, StageTiming, encode
+    from scrit.messages import ExampleBatch, StageTiming
 
     examples = [msgspec.structs.replace(ex(i, i % 2 == 0), batch_id=7) for i in range(4)]
     batch = ExampleBatch(batch_id=7, examples=examples, counts={"validated": 4},

@@ -1,8 +1,9 @@
-"""Roles, the weight registry and the stage actors.
+"""Roles, engines, the weight registry and the role and engine actors.
 
 Role logic is checked with a scripted backend (exact texts, so exact assertions); the Ray shells run
 tiny random models (junk output), so those tests assert structure: counts, versions, message types,
-and that a published version really changes the weights the critic actor generates with.
+that a published version really changes the weights the critic's roles generate with, and that it is
+loaded once by the engine they share.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import json
 import os
 import random
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import msgspec
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,20 +26,24 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.openai_server import save_tiny_model
 
+from scrit.actors.engines import start_engine_hosts
 from scrit.actors.registry import WeightRegistry, weight_registry_actor
 from scrit.actors.roles import (
     Corrector,
     Critic,
-    PairingSettings,
     Solver,
     Validator,
+    make_role,
     pair_solutions,
     request_prompt,
 )
-from scrit.actors.shells import CriticActor, SolverActor, ValidatorActor, start_actor
+from scrit.actors.shells import StageFailed, start_role
 from scrit.backends.base import Generation, SamplingParams, truncate_at_stop
 from scrit.checkpoints import VersionFollower, checkpoint_checksum, registry_path
+from scrit.config import load_config
 from scrit.domains.arith import ArithDomain
+from scrit.engine import Engine, VersionUnavailable
+from scrit.factory import CriticSettings, EngineSpec, engine_hosts, plan_run
 from scrit.messages import (
     Correction,
     Critique,
@@ -83,7 +88,7 @@ class Scripted:
     def version(self) -> int:
         return self._version
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams, **options: object) -> list[Generation]:
         self.calls.append((list(prompts), sampling))
         out = []
         for prompt in prompts:
@@ -180,18 +185,31 @@ def test_unparseable_critique_gets_empty_correction_without_generation() -> None
         Corrector(backend, ARITH).correct(requests, critiques[:1])
 
 
-def test_roles_swap_between_batches_through_their_follower(tmp_path: Path) -> None:
-    """A role asks its VersionFollower before every batch; outputs carry the version that made them."""
+def test_the_engine_swaps_between_requests_and_every_role_sees_the_new_version(tmp_path: Path) -> None:
+    """Roles share one engine; it asks its VersionFollower before requests (rate-limited) and loads a
+    version once, whichever role asked; outputs carry the version that made them."""
     good_dir = _fake_checkpoint(tmp_path / "v1", b"one")
     backend = Scripted(lambda p: APPROVE)
-    critic = Critic(backend, ARITH, follower=VersionFollower(tmp_path / "run", backend, "critic"))
+    engine = Engine("critic", backend, VersionFollower(tmp_path / "run", backend, "critic"), poll_s=0.0)
+    critic, validator = Critic(engine, ARITH), Validator(engine, ARITH)
     requests = make_requests(PROBLEM, [solution(GOOD), solution(BAD)], random.Random(0))
     assert {c.version for c in critic.critique(requests)} == {0} and backend.loaded == []
     registry = WeightRegistry(tmp_path / "run", good_dir)
     registry.publish(WeightVersion(version=1, uri=str(good_dir), checksum=checkpoint_checksum(good_dir)))
     assert {c.version for c in critic.critique(requests)} == {1}
-    assert backend.loaded == [(1, str(good_dir))] and critic.stats()["swaps"] == 1
-    assert critic.stats()["last_swap_s"] is not None
+    assert {v.version for v in validator.validate([PROBLEM], [GOOD])} == {1}
+    assert backend.loaded == [(1, str(good_dir))]  # loaded once for both roles
+    assert engine.stats()["swaps"] == 1 and engine.stats()["last_swap_s"] is not None
+    assert critic.stats()["version"] == validator.stats()["version"] == 1
+    # A caller that needs a newer version than is published gets a clear error, not older output.
+    with pytest.raises(VersionUnavailable, match="version 2 requested"):
+        engine.generate(["x"], SamplingParams(), min_version=2)
+    # Rate-limited: with a long poll interval a new version is only looked for when asked for.
+    lazy_backend = Scripted(lambda p: APPROVE)
+    lazy = Engine("critic", lazy_backend, VersionFollower(tmp_path / "run", lazy_backend, "c"), poll_s=3600)
+    assert lazy.sync() == 1  # the first call looks
+    registry.publish(WeightVersion(version=2, uri=str(good_dir), checksum=checkpoint_checksum(good_dir)))
+    assert lazy.sync() == 1 and lazy.sync(min_version=2) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,23 +290,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return save_tiny_model(str(root / "a"), seed=0), save_tiny_model(str(root / "b"), seed=1)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if owned:
-        ray.shutdown()
-    torch.set_num_threads(threads)
-
-
-BACKEND = {"device": "cpu", "batch_size": 8}
 CRITIC_SAMPLING = SamplingParams(max_new_tokens=24)
 
 
@@ -316,64 +317,110 @@ def _solutions(batch_id: int = 0) -> SolutionBatch:
     return SolutionBatch(batch_id=batch_id, solver="s", solutions=parts)
 
 
-def test_published_version_changes_the_critic_actors_weights(ray_session, tmp_path: Path,
-                                                             tiny_models: tuple[str, str]) -> None:
-    """The key hot-swap test: after publishing model B as version 1, the critic actor's greedy output
-    is exactly what model B gives directly, and differs from model A's; the validator actor follows too."""
+def _engine(name: str, model: str, follows: bool) -> EngineSpec:
+    return EngineSpec(name=name, model=model, backend="hf", device="cpu", batch_size=8, follows=follows,
+                      num_cpus=0.25)
+
+
+def _role(kind: str, engine: EngineSpec, sampling: SamplingParams, settings: object, name: str = ""):
+    from scrit.factory import RoleSpec
+
+    return RoleSpec(name=name or kind, kind=kind, engine=engine, sampling=sampling, settings=settings)
+
+
+def test_published_version_changes_the_weights_of_every_role_on_the_shared_engine(
+        ray_session, tmp_path: Path, tiny_models: tuple[str, str]) -> None:
+    """The key hot-swap test: after publishing model B as version 1, the critic, corrector and validator
+    actors (one engine actor between them) generate exactly what model B gives directly, and the
+    engine loaded the version once."""
     ray = ray_session
     from scrit.backends.hf import HFBackend
+    from scrit.factory import CorrectorSettings, ValidatorSettings
 
     model_a, model_b = tiny_models
     run_dir = tmp_path / "run"
     registry = weight_registry_actor(run_dir, model_a, name=f"reg-{uuid.uuid4().hex[:8]}")
-    pairing = {"mode": "contrastive", "max_per_class": 2, "reference_as_correct": True, "seed": 3}
-    critic = start_actor(CriticActor, model_a, num_cpus=0.25, run_dir=str(run_dir), backend_options=BACKEND,
-                         sampling=CRITIC_SAMPLING, continuation=SamplingParams(max_new_tokens=16), pairing=pairing)
-    validator = start_actor(ValidatorActor, model_a, num_cpus=0.25, run_dir=str(run_dir), backend_options=BACKEND,
-                            sampling=SamplingParams(max_new_tokens=16))
-    requests, _ = pair_solutions(_batch(), [_solutions()], ARITH, msgspec.convert(pairing, PairingSettings))
+    spec = _engine("critic", model_a, follows=True)
+    prefix = f"{uuid.uuid4().hex[:8]}/"
+    (host,) = engine_hosts([spec], colocate=False)
+    engines = start_engine_hosts([host], str(run_dir), prefix=prefix)
+    names = [host.name]
+    pairing = CriticSettings(mode="contrastive", max_per_class=2, reference_as_correct=True, seed=3)
+    critic = start_role(_role("critic", spec, CRITIC_SAMPLING, pairing), names, str(run_dir), prefix=prefix)
+    corrector = start_role(_role("corrector", spec, SamplingParams(max_new_tokens=16), CorrectorSettings()), names,
+                           str(run_dir), prefix=prefix)
+    validator = start_role(_role("validator", spec, SamplingParams(max_new_tokens=16), ValidatorSettings()), names,
+                           str(run_dir), prefix=prefix)
+    requests, _ = pair_solutions(_batch(), [_solutions()], ARITH, pairing)
 
-    before = decode(ray.get(critic.critique.remote(encode(_batch()), encode(_solutions()))), CritiqueBatch)
+    before = decode(ray.get(critic.stage.remote(encode(_batch()), encode(_solutions()))), CritiqueBatch)
     assert before.requests == requests and all(c.version == 0 for c in before.critiques)
     assert before.counts == {"problems": 2, "solutions": 4, "solutions_correct": 2, "critiques": len(requests)}
 
     ray.get(registry.publish.remote(WeightVersion(version=1, uri=model_b, checksum=checkpoint_checksum(model_b))))
-    after = decode(ray.get(critic.critique.remote(encode(_batch(1)), encode(_solutions(1)))), CritiqueBatch)
+    time.sleep(0.3)  # the engine looks at the registry at most every 0.2 s
+    after = decode(ray.get(critic.stage.remote(encode(_batch(1)), encode(_solutions(1)))), CritiqueBatch)
     assert all(isinstance(c, Critique) and c.version == 1 for c in after.critiques)
 
-    direct_a = Critic(HFBackend(model_a, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
-    direct_b = Critic(HFBackend(model_b, **BACKEND), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
+    direct_a = Critic(HFBackend(model_a, device="cpu"), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
+    direct_b = Critic(HFBackend(model_b, device="cpu"), ARITH, sampling=CRITIC_SAMPLING).critique(requests)
     assert [c.raw_text for c in before.critiques] == [c.raw_text for c in direct_a]
     assert [c.raw_text for c in after.critiques] == [c.raw_text for c in direct_b]
     assert [c.raw_text for c in after.critiques] != [c.raw_text for c in before.critiques]
-    assert ray.get(critic.stats.remote())["swaps"] == 1
 
-    # Corrections come from the same version; unparseable critiques get none.
-    assert len(after.corrections) == len(after.critiques)
-    assert all(fix.version == 1 for fix in after.corrections)
-    for critique, fix in zip(after.critiques, after.corrections):
-        if not critique.parsed:
-            assert fix.text == ""
-    examples = decode(ray.get(validator.validate.remote(encode(after))), ExampleBatch)
-    assert examples.batch_id == 1 and ray.get(validator.version.remote()) == 1
+    corrected = decode(ray.get(corrector.stage.remote(encode(after))), CritiqueBatch)
+    assert len(corrected.corrections) == len(after.critiques)
+    for critique, fix in zip(after.critiques, corrected.corrections):
+        assert fix.version == 1 and (critique.parsed or fix.text == "")  # unparseable critiques get none
+    examples = decode(ray.get(validator.stage.remote(encode(corrected))), ExampleBatch)
+    assert examples.batch_id == 1 and ray.get(validator.stats.remote())["version"] in (0, 1)
     assert set(examples.counts) >= {"parsed", "consistent", "validated", "critic_version"}
-    assert [t.stage for t in examples.timings] == ["critique", "validate"]
-    for actor in (critic, validator, registry):
+    assert [t.stage for t in examples.timings] == ["critique", "correct", "validate"]
+    engine_stats = ray.get(engines[host.name].stats.remote())["critic"]
+    assert engine_stats["swaps"] == 1 and engine_stats["version"] == 1  # one load for three roles
+    for actor in (critic, corrector, validator, registry, *engines.values()):
         ray.kill(actor)
 
 
-def test_solver_actor(ray_session, tiny_models: tuple[str, str]) -> None:
+def test_solver_actor_and_a_failing_stage_named_after_its_role(ray_session, tiny_models: tuple[str, str]) -> None:
     ray = ray_session
-    solver = start_actor(SolverActor, tiny_models[0], num_cpus=0.25, backend_options=BACKEND, name="tiny",
-                         samples_per_problem=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=16, seed=3))
-    out = decode(ray.get(solver.solve.remote(encode(_batch(4)))), SolutionBatch)
-    assert out.batch_id == 4 and out.solver == "tiny" and [t.stage for t in out.timings] == ["solve"]
+    from scrit.factory import SolverSettings
+
+    spec = _engine("solver0-tiny", tiny_models[0], follows=False)
+    prefix = f"{uuid.uuid4().hex[:8]}/"
+    hosts = engine_hosts([spec], colocate=True)
+    engines = start_engine_hosts(hosts, None, prefix=prefix)
+    role = _role("solver", spec, SamplingParams(temperature=1.0, max_new_tokens=16, seed=3),
+                 SolverSettings(samples_per_problem=2), name="solver0-tiny")
+    solver = start_role(role, [hosts[0].name], None, prefix=prefix)
+    out = decode(ray.get(solver.stage.remote(encode(_batch(4)))), SolutionBatch)
+    assert out.batch_id == 4 and out.solver == "solver0-tiny" and [t.stage for t in out.timings] == ["solve"]
     assert [s.problem_id for s in out.solutions] == ["p1", "p1", "p2", "p2"]
-    assert all(s.solver == "tiny" and s.version == 0 and isinstance(s.correct, bool) for s in out.solutions)
+    assert all(s.solver == "solver0-tiny" and s.version == 0 and isinstance(s.correct, bool) for s in out.solutions)
     assert all(s.correct == ARITH.answers_equal(s.answer, "47" if s.problem_id == "p1" else "14")
                for s in out.solutions)
     # The same batch gets the same samples (seeded by batch id), whichever call runs it.
-    again = decode(ray.get(solver.solve.remote(encode(_batch(4)))), SolutionBatch)
+    again = decode(ray.get(solver.stage.remote(encode(_batch(4)))), SolutionBatch)
     assert [s.text for s in again.solutions] == [s.text for s in out.solutions]
     assert ray.get(solver.stats.remote())["items"] == 8
-    ray.kill(solver)
+    # A stage that raises names its actor, whatever Ray calls the method.
+    with pytest.raises(StageFailed) as caught:
+        ray.get(solver.stage.remote(b"not a batch"))
+    assert caught.value.component == "solver0-tiny.0" and "MessageDecodeError" in caught.value.message
+    for actor in (solver, *engines.values()):
+        ray.kill(actor)
+
+
+def test_make_role_builds_every_role_of_the_default_plan() -> None:
+    plan = plan_run(load_config(None))
+    engine = Scripted(lambda p: APPROVE)
+    kinds = {spec.name: type(make_role(spec, engine if spec.engine else None)).__name__ for spec in plan.roles}
+    assert kinds == {"solver0-careless": "Solver", "critic": "Critic", "corrector": "Corrector",
+                     "validator": "Validator", "evaluator": "Evaluator"}
+    assert {spec.engine.name for spec in plan.roles if spec.kind != "solver"} == {"critic"}  # one shared engine
+    assert [e.name for e in plan.engines] == ["critic", "solver0-careless"]
+    # On CPU both models share one host process; a cluster config gives each replica its own actor.
+    assert [(h.name, [e.name for e in h.engines]) for h in plan.hosts] == [("engines.0", ["critic", "solver0-careless"])]
+    split = plan_run(load_config(None, ["resources.colocate_engines=false", "critic.engines=2"]))
+    assert [h.name for h in split.hosts] == ["critic-engine.0", "critic-engine.1", "solver0-careless-engine.0"]
+    assert split.hosts_of(split.engines[0]) == ["critic-engine.0", "critic-engine.1"]

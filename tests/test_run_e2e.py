@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,12 +27,6 @@ def scrit_run(run_dir: Path, *extra: str, timeout: int = 900) -> subprocess.Comp
     command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(REPO / "configs" / "tiny-test.yaml"),
                "--run-dir", str(run_dir), *extra]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def critique(url: str) -> httpx.Response:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,12 +20,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from scrit.actors.registry import WeightRegistry  # noqa: E402
 from scrit.backends.base import Generation, SamplingParams  # noqa: E402
-from scrit.messages import WeightVersion  # noqa: E402
 from scrit.serve.schema import (  # noqa: E402
     ApiError,
     ChatBody,
@@ -46,12 +45,6 @@ PROBLEM = "Start with 25. Multiply by 2. Add 45. What is the result?"
 STEPS = ["25 * 2 = 50", "50 + 45 = 95"]
 WRONG_STEPS = ["25 * 2 = 50", "50 + 45 = 96"]
 REFERENCE = "Step 1: 25 * 2 = 50\nStep 2: 50 + 45 = 95\nThe answer is \\boxed{95}."
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +102,25 @@ def test_chat_sampling_limits() -> None:
         assert caught.value.param == param and caught.value.status == 400
 
 
+def _hf_settings(run_dir: Path):
+    """A replica's settings as ``scrit serve --follow RUN_DIR`` builds them, on the HF backend on CPU."""
+    from scrit.config import load_config
+    from scrit.factory import serve_role
+    from scrit.serve.service import ServeSettings
+
+    cfg = load_config(None, ["critic.backend=hf", "critic.device=cpu"])
+    return ServeSettings(role=serve_role(cfg, "seed", follows=True), follow_run_dir=str(run_dir))
+
+
 def test_service_swaps_between_batches_and_skips_broken_checkpoints(tmp_path: Path, checkpoints: list[Path]) -> None:
     """In-flight work finishes on the version it started with; a checksum mismatch is never served."""
     import torch
 
-    from scrit.serve.service import CriticService, ServeSettings
+    from scrit.serve.service import CriticService
 
     torch.set_num_threads(1)
     registry = WeightRegistry(tmp_path, "seed")
-    service = CriticService(ServeSettings(follow_run_dir=str(tmp_path), backend_options={"device": "cpu"}),
-                            start_following=False)
+    service = CriticService(_hf_settings(tmp_path), start_following=False)
     try:
         assert service.active.version == 0
         prompt = f"Critique the student solution.\nProblem: {PROBLEM}\nStudent:\n{render_steps(STEPS)}\nCritique:\n"
@@ -148,13 +150,12 @@ def test_service_swaps_between_batches_and_skips_broken_checkpoints(tmp_path: Pa
 
 
 def test_service_starts_on_the_newest_version_that_loads(tmp_path: Path, checkpoints: list[Path]) -> None:
-    from scrit.serve.service import CriticService, ServeSettings
+    from scrit.serve.service import CriticService
 
     registry = WeightRegistry(tmp_path, "seed")
     publish(registry, 1, checkpoints[0])
     publish(registry, 2, checkpoints[1], checksum="sha256:bad")
-    service = CriticService(ServeSettings(follow_run_dir=str(tmp_path), backend_options={"device": "cpu"}),
-                            start_following=False)
+    service = CriticService(_hf_settings(tmp_path), start_following=False)
     assert service.active.version == 1 and service.active.uri == str(checkpoints[0].resolve())
     assert service.swap_errors == 1
 
@@ -222,23 +223,17 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+def serve_session(ray_session):
+    """The session's Ray, with this module's Serve applications deleted (and Serve stopped) at the end."""
+    yield ray_session
     from scrit.serve.app import stop_critic_endpoint
 
     stop_critic_endpoint("scrit-critic-two", shutdown_serve=False)
     stop_critic_endpoint()
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session, tmp_path_factory: pytest.TempPathFactory, checkpoints: list[Path]):
+def endpoint(serve_session, tmp_path_factory: pytest.TempPathFactory, checkpoints: list[Path]):
     from scrit.config import default_config
     from scrit.serve.app import start_critic_endpoint
 
@@ -535,7 +530,7 @@ def test_concurrent_load_across_two_swaps_has_no_failures(endpoint: Endpoint) ->
 
 
 @pytest.mark.slow
-def test_two_replicas_swap_under_load(endpoint: Endpoint, ray_session, tmp_path_factory, checkpoints) -> None:
+def test_two_replicas_swap_under_load(endpoint: Endpoint, serve_session, tmp_path_factory, checkpoints) -> None:
     """A second application with two replicas (on /two, same proxy) following its own run."""
     from scrit.config import default_config
     from scrit.serve.app import start_critic_endpoint, stop_critic_endpoint

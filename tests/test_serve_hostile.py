@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from helpers import free_port
 import schemathesis
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -205,28 +206,18 @@ class Hostile:
         self.client = httpx.Client(base_url=self.url, headers=AUTH, timeout=TIMEOUT)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def hostile():
-    import ray
+def hostile(ray_session):
     from ray import serve
 
     from scrit.config import default_config
     from scrit.serve.app import build_settings, critic_app, stop_critic_endpoint, wait_until_healthy
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = default_config()
     cfg.critic.backend = "hf"  # thousands of 8-token requests: the fast-starting engine will do
-    settings = msgspec.structs.replace(build_settings(cfg, "seed", api_key=KEY),
-                                       limits=LIMITS, critique_max_new_tokens=8)
-    port = _free_port()
+    cfg.critic.max_new_tokens = 8
+    settings = msgspec.structs.replace(build_settings(cfg, "seed", api_key=KEY), limits=LIMITS)
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(critic_app(settings, num_cpus=0.5), name="scrit-critic-hostile", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -235,8 +226,6 @@ def hostile():
     yield served
     served.client.close()
     stop_critic_endpoint("scrit-critic-hostile")
-    if started:
-        ray.shutdown()
 
 
 def _error_of(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -29,13 +29,9 @@ except ImportError:  # tests/ imported as a package
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if owned:
-        ray.shutdown()
+def _ray(ray_session):
+    """Every test here runs Ray Train on the session's local Ray."""
+    return ray_session
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -250,14 +250,8 @@ def test_scrit_eval_with_the_vllm_backend_prints_the_hf_scores() -> None:
 # Engines inside Ray: an actor and a Serve replica at once
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class EngineHost:
-    """What a role actor or Serve replica does: build the backend from a spec inside its own process."""
+class BackendHost:
+    """What an engine actor or Serve replica does: build the backend from a spec inside its own process."""
 
     def __init__(self, spec: str, options: dict) -> None:
         self.backend = make_backend(spec, **options)
@@ -286,22 +280,20 @@ def chat_seed(tmp_path_factory: pytest.TempPathFactory, seed_dir: str) -> str:
 
 @needs_vllm
 @pytest.mark.slow
-def test_engines_in_a_ray_actor_and_a_serve_replica_at_once(seed_dir, chat_seed, prompts, perturbed,
+def test_engines_in_a_ray_actor_and_a_serve_replica_at_once(ray_session, seed_dir, chat_seed, prompts, perturbed,
                                                            hf_perturbed_greedy) -> None:
-    import ray
+    ray = ray_session
     from ray import serve
 
     from scrit.backends.hf import HFBackend
 
     sampling = {"max_new_tokens": 512}
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    actor = None
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-        actor = ray.remote(num_cpus=0.25)(EngineHost).remote(f"vllm:{seed_dir}", {})
-        replica = serve.deployment(EngineHost, ray_actor_options={"num_cpus": 0.25}).bind(
+        actor = ray.remote(num_cpus=0.25)(BackendHost).remote(f"vllm:{seed_dir}", {})
+        replica = serve.deployment(BackendHost, ray_actor_options={"num_cpus": 0.25}).bind(
             f"vllm:{chat_seed}", {"use_chat_template": "auto"})
         handle = serve.run(replica, name="vllm-test", route_prefix=None)
         chat_reply = handle.generate.remote(prompts[:8], sampling)
@@ -321,5 +313,5 @@ def test_engines_in_a_ray_actor_and_a_serve_replica_at_once(seed_dir, chat_seed,
         assert handle.child_processes.remote().result(timeout_s=30) == 0
     finally:
         serve.shutdown()
-        if owned:
-            ray.shutdown()
+        if actor is not None:
+            ray.kill(actor)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,12 +29,6 @@ from scrit.serve.testing import publish, save_perturbed  # noqa: E402
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PROBLEM = "Start with 25. Multiply by 2. Add 45. What is the result?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_run_with_every_role_on_vllm_publishes_and_its_actors_use_the_new_version(tmp_path: Path) -> None:
@@ -57,9 +51,7 @@ def test_a_run_with_every_role_on_vllm_publishes_and_its_actors_use_the_new_vers
     assert [e["version"] for e in events if e["kind"] == "eval"] == [0, 1, 2]
 
 
-def test_endpoint_on_vllm_swaps_in_place_with_no_failed_request(tmp_path: Path) -> None:
-    import ray
-
+def test_endpoint_on_vllm_swaps_in_place_with_no_failed_request(ray_session, tmp_path: Path) -> None:
     from scrit.config import load_config
     from scrit.serve.app import start_critic_endpoint, stop_critic_endpoint
 
@@ -67,7 +59,6 @@ def test_endpoint_on_vllm_swaps_in_place_with_no_failed_request(tmp_path: Path) 
     registry = WeightRegistry(run_dir, "seed")
     versions = [save_perturbed("seed", tmp_path / "ckpt" / f"v{v}", seed=v, scale=0.05) for v in (1, 2)]
     cfg = load_config(None, ["critic.backend=vllm", "vllm.kv_cache_gib=0.25"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     log: list[tuple[int, float, bool, int | None]] = []  # client, time, ok, version
     stop = threading.Event()
     try:
@@ -103,7 +94,6 @@ def test_endpoint_on_vllm_swaps_in_place_with_no_failed_request(tmp_path: Path) 
     finally:
         stop.set()
         stop_critic_endpoint()
-        ray.shutdown()
     assert log and all(ok for _, _, ok, _ in log), [entry for entry in log if not entry[2]][:5]
     for index in range(8):  # no client ever sees a version go back
         seen = [version for client, _, _, version in sorted(log, key=lambda e: e[1]) if client == index]

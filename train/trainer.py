@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 SEED_INFO = "seed_info.json"  # marks the seed family (prompt-style detection); carried forward
 TRAIN_INFO = "train_info.json"  # provenance of a published version
 POLL_S = 0.5  # how long a starving worker sleeps before asking the buffer again
+TRIM_EVERY = 10  # optimizer steps between handing freed memory back to the OS (scrit.memory)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +273,8 @@ def _sample_batch(
 
     from scrit.train.sft import encode_examples
 
+    from scrit.memory import release_free_memory
+
     train = settings["train"]
     mine: dict[str, Any] | None = None
     waited_since: float | None = None
@@ -297,6 +300,7 @@ def _sample_batch(
             return mine
         if waited_since is None:
             waited_since = time.monotonic()
+            release_free_memory()  # the steps' activations, freed, go back to the OS while the trainer waits
         time.sleep(POLL_S)
 
 
@@ -395,6 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM
 
     from scrit.backends.hf import load_tokenizer
+    from scrit.memory import release_free_memory
     from scrit.train.sft import sft_loss
 
     from scrit.rundir import record_process
@@ -510,6 +515,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         step += 1
         local_steps += 1
+        if local_steps % TRIM_EVERY == 0:
+            release_free_memory()  # bounds what freed activations of varying lengths leave resident
         if meter is not None:
             meter.step(step, window)
         if local_steps % steps_per_version:

@@ -78,30 +78,6 @@ def resolve_model_path(spec: str) -> str:
     return str(model_dir())
 
 
-def role_backend(
-    model: str,
-    backend: str = "hf",
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int = 16,
-    use_chat_template: bool = False,
-    vllm_options: dict[str, Any] | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """``(spec, options)`` for :func:`make_backend` from a role's config (``critic``, ``solvers[i]``, ...).
-
-    Each backend takes different options (vLLM has no ``device`` or ``batch_size``: it schedules its
-    own batches; the HTTP client has a request ``concurrency`` instead), so the config's one set of
-    keys is translated here rather than at every call site.
-    """
-    if backend == "http" or model.startswith(("http://", "https://")):
-        return model, {"concurrency": batch_size}
-    if backend == "vllm":
-        spec = model if model.startswith("vllm:") else f"vllm:{model}"
-        return spec, {"dtype": dtype, "use_chat_template": use_chat_template, **(vllm_options or {})}
-    return model, {"device": device, "dtype": dtype, "batch_size": batch_size, "use_chat_template": use_chat_template}
-
-
 def make_backend(spec: str, **options: Any) -> InferenceBackend:
     """Build a backend from ``spec``; ``options`` go to the backend's constructor."""
     spec = spec.strip()

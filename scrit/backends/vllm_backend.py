@@ -235,6 +235,13 @@ class RequestHandle:
                           version=self.version)
 
 
+# vLLM keeps per-process state that a forward pass uses (the forward context, attention metadata), so
+# two engines in one process (an engine host holding two models) must never step at the same time:
+# concurrent steps crashed the process (a segfault). Starting, stepping and calling into an engine
+# hold this lock; engines in separate processes are unaffected.
+_PROCESS_ENGINE_LOCK = threading.RLock()
+
+
 class _EngineLoop:
     """The engine thread: starts the engine, then runs vLLM's step loop and the commands sent to it
     (add requests, abort them, call a function on the engine between steps)."""
@@ -269,7 +276,8 @@ class _EngineLoop:
         if cpu_threads:
             _set_openmp_threads(cpu_threads)
         try:
-            self.llm = start()
+            with _PROCESS_ENGINE_LOCK:
+                self.llm = start()
         except BaseException as error:  # noqa: BLE001 - handed to the constructor
             started.set_exception(error)
             return
@@ -296,7 +304,8 @@ class _EngineLoop:
         if kind == "call":
             _, function, args, result = command
             try:
-                result.set_result(function(*args))
+                with _PROCESS_ENGINE_LOCK:
+                    result.set_result(function(*args))
             except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
                 result.set_exception(error)
         elif kind == "add":
@@ -304,7 +313,9 @@ class _EngineLoop:
             engine = self.llm.llm_engine
             added: list[str] = []
             try:
-                for engine_input, request_params, handle in zip(build_inputs(), params, handles):
+                with _PROCESS_ENGINE_LOCK:
+                    inputs = build_inputs()
+                for engine_input, request_params, handle in zip(inputs, params, handles):
                     engine.add_request(handle.request_id, engine_input, request_params)
                     running[handle.request_id] = handle
                     added.append(handle.request_id)
@@ -323,7 +334,8 @@ class _EngineLoop:
 
     def _step(self, running: dict[str, RequestHandle]) -> None:
         try:
-            outputs = self.llm.llm_engine.step()
+            with _PROCESS_ENGINE_LOCK:
+                outputs = self.llm.llm_engine.step()
         except Exception as error:  # noqa: BLE001 - fail what is running; the engine thread goes on
             log.exception("vLLM engine step failed; failing %d requests", len(running))
             with contextlib.suppress(Exception):
