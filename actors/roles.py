@@ -426,8 +426,9 @@ class Validator(_Role):
 
 class Evaluator(_Role):
     """Scores critic versions on held-out arith items in direct mode (no reference), off the pipeline:
-    the run's learning curve. The held-out problems come from their own hash bucket, which no training
-    example ever uses (DESIGN.md §6)."""
+    the run's learning curve, on problems like the loop's (split ``arith``) and on longer ones
+    (``arith-hard``). The held-out problems come from their own hash bucket, which no training example
+    ever uses (DESIGN.md §6)."""
 
     def __init__(self, engine: Any, items: Sequence[Any], style: str = "compact",
                  sampling: SamplingParams | None = None, name: str = "evaluator") -> None:
@@ -437,15 +438,17 @@ class Evaluator(_Role):
         self.sampling = sampling or SamplingParams(max_new_tokens=512)
 
     def evaluate(self, version: int) -> dict[str, Any]:
-        """EI-F1, CC-Acc and the rest (``scrit.evaluate``) of the critic at ``version`` or newer: one
-        engine call, so every item is critiqued by one version, which ``version`` in the result names
-        (newer than asked only if the engine had moved on before the call)."""
+        """EI-F1, CC-Acc and the rest (``scrit.evaluate``) of the critic at ``version`` or newer, on the
+        ``arith`` split (top level) and ``arith-hard`` (under ``hard``): one engine call, so every item is
+        critiqued by one version, which ``version`` in the result names (newer than asked only if the
+        engine had moved on before the call)."""
         from scrit.evaluate import build_prompts, score_texts
 
         prompts = build_prompts(self.heldout, "direct", self.style)
         generations = self._generate(prompts, self.sampling, min_version=version)
-        report = score_texts(self.heldout, [g.text for g in generations], "direct")
-        return {"version": generations[0].version, **report["average"]}
+        splits = score_texts(self.heldout, [g.text for g in generations], "direct")["splits"]
+        hard = {"hard": splits["arith-hard"]} if "arith-hard" in splits else {}
+        return {"version": generations[0].version, **splits.get("arith", {}), **hard}
 
 
 def run_batch_locally(batch: ProblemBatch, solvers: Sequence[Solver], critic: Critic, corrector: Corrector,
@@ -478,8 +481,10 @@ def make_role(spec: RoleSpec, engine: Any) -> Solver | Critic | Corrector | Vali
                          settings.require_verdict_match, spec.name)
     if spec.kind == "evaluator":
         assert isinstance(settings, factory.EvaluatorSettings)
-        from scrit.evaluate import build_arith_evalset
+        from scrit.evaluate import build_arith_evalset, build_hard_evalset
 
-        return Evaluator(engine, build_arith_evalset(n=settings.items, seed=settings.seed), spec.style,
-                         spec.sampling, spec.name)
+        items = build_arith_evalset(n=settings.items, seed=settings.seed) if settings.items else []
+        if settings.hard_items:
+            items += build_hard_evalset(n=settings.hard_items, seed=settings.seed + 1)
+        return Evaluator(engine, items, spec.style, spec.sampling, spec.name)
     raise ValueError(f"no role class for kind {spec.kind!r} (role {spec.name!r})")

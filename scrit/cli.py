@@ -37,7 +37,7 @@ def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto", 
 @app.command("eval")
 def eval_command(
     model: str = typer.Option("seed", help="'seed', an HF model directory, or an http(s):// OpenAI-compatible base URL"),
-    bench: str = typer.Option("arith", help="arith | processbench | realcritic | jsonl"),
+    bench: str = typer.Option("arith", help="arith (2-5 operations) | arith-hard (6-8) | processbench | realcritic | jsonl"),
     data: Optional[str] = typer.Option(None, help="data file or directory (required except for the built-in arith set)"),
     split: Optional[str] = typer.Option(None, help="evaluate one split only"),
     limit: Optional[int] = typer.Option(None, help="at most N items per split (arith: N items in all)"),

@@ -86,7 +86,8 @@ class RunConfig(_Section):
     max_wall_seconds: Positive = 840.0  # the whole run stops (cleanly) after this long
     versions: AtLeast1 = 6  # critic versions to publish after the seed (version 0)
     eval_every_version: bool = True  # held-out EI-F1 / CC-Acc after each published version
-    heldout_eval_items: AtLeast0 = 100  # 0 disables held-out evaluation
+    heldout_eval_items: AtLeast0 = 64  # in-run held-out items per version (2-5 operations); 0 disables evaluation
+    heldout_hard_items: AtLeast0 = 32  # in-run harder held-out items per version (6-8 operations)
     keep_serving: bool = False  # leave the Serve endpoint up after the last version
     problems_per_batch: AtLeast1 = 32  # problems per pipeline batch (solve -> critique -> validate -> buffer)
     # Batches in the producer pipeline at once: while the critic works on one, the solvers work on the
@@ -168,8 +169,8 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed only
     num_workers: AtLeast1 = 1
     lr: Positive = 3e-4
-    batch_size: AtLeast1 = 8
-    grad_accum: AtLeast1 = 1
+    batch_size: AtLeast1 = 4  # examples per micro-batch (x grad_accum = examples per optimizer step)
+    grad_accum: AtLeast1 = 2  # 4 x 2: the activations of 4 examples at a time (the trainer's peak memory)
     steps_per_version: AtLeast1 = 70  # K: optimizer steps between published versions
     max_seq_len: Annotated[int, Meta(ge=16)] = 1024
     bf16: bool = True  # bf16 autocast is ~1.6x faster than fp32 on the dev CPUs
@@ -226,7 +227,7 @@ class VLLMConfig(_Section):
     tensor_parallel_size: AtLeast1 = 1  # GPUs per engine; give the engines as many (resources.engine_num_gpus)
     gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.85  # share of each GPU (weights + KV cache)
     max_model_len: Annotated[int, Meta(ge=16)] | None = None  # None = the model's own context length
-    kv_cache_gib: Positive | None = None  # KV cache per engine; None = 0.5 GiB on CPU, on GPU what the above leaves
+    kv_cache_gib: Positive | None = None  # KV cache per engine; None = 0.25 GiB on CPU, on GPU what the above leaves
     cpu_threads: AtLeast1 = 1  # CPU only: OpenMP threads per engine (1 is fastest on shared cores)
     enforce_eager: bool | None = None  # None = eager on CPU (faster start), compiled + CUDA graphs on GPU
 

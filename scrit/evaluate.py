@@ -20,14 +20,18 @@ from scrit.metrics import ItemResult, aggregate
 from scrit.parsing import parse_critique
 from scrit.prompts import critic_prompt, solver_prompt
 
-BENCHES = ("arith", "processbench", "realcritic", "jsonl")
+BENCHES = ("arith", "arith-hard", "processbench", "realcritic", "jsonl")
 MODES = ("direct", "contrastive", "solve")
 ARITH_EVAL_SEED = 20250110
 ARITH_EVAL_SIZE = 300
+# The harder held-out set: longer chains than the default loop (2-5 operations) trains on, from the same
+# held-out hash bucket, with its own seed.
+ARITH_HARD_SEED = 20251203
+ARITH_HARD_OPS = (6, 8)
 
 
 def build_arith_evalset(n: int = ARITH_EVAL_SIZE, seed: int = ARITH_EVAL_SEED, incorrect_share: float = 0.5,
-                        split_name: str = "arith") -> list[EvalItem]:
+                        split_name: str = "arith", min_ops: int = 2, max_ops: int = 5) -> list[EvalItem]:
     """Held-out arith items (problems from the 'heldout' hash bucket, never trained on).
 
     Half the solutions carry a wrong step (the four kinds in turn, at a uniformly drawn step), half
@@ -38,7 +42,7 @@ def build_arith_evalset(n: int = ARITH_EVAL_SIZE, seed: int = ARITH_EVAL_SEED, i
     rng = random.Random(seed)
     items = []
     for i in range(n):
-        problem = generate_split_problem(rng, "heldout")
+        problem = generate_split_problem(rng, "heldout", min_ops, max_ops)
         if rng.random() < incorrect_share:
             kind = arith.ERROR_KINDS[i % len(arith.ERROR_KINDS)]
             steps, label = arith.wrong_solution(rng, problem, kind=kind)
@@ -50,6 +54,13 @@ def build_arith_evalset(n: int = ARITH_EVAL_SIZE, seed: int = ARITH_EVAL_SEED, i
             split=split_name,
         ))
     return items
+
+
+def build_hard_evalset(n: int = ARITH_EVAL_SIZE, seed: int = ARITH_HARD_SEED) -> list[EvalItem]:
+    """The harder held-out arith set: 6-8 operations, half with one wrong step (``scrit eval --bench
+    arith-hard``), split ``arith-hard``."""
+    return build_arith_evalset(n=n, seed=seed, split_name="arith-hard", min_ops=ARITH_HARD_OPS[0],
+                               max_ops=ARITH_HARD_OPS[1])
 
 
 def _render_auto(steps: list[str]) -> str:
@@ -73,6 +84,8 @@ def load_bench(bench: str, data: str | None = None, split: str | None = None,
         if data:
             return evalsets.read_eval_jsonl(data, limit=limit, split=split, render=_render_auto)
         return build_arith_evalset(n=limit or ARITH_EVAL_SIZE)
+    if bench == "arith-hard":
+        return build_hard_evalset(n=limit or ARITH_EVAL_SIZE)
     if not data:
         raise ValueError(f"--bench {bench} needs --data PATH (e.g. ../shared/data/{bench})")
     if not Path(data).exists():

@@ -115,9 +115,12 @@ class ValidatorSettings(msgspec.Struct, frozen=True, kw_only=True, tag="validato
 
 
 class EvaluatorSettings(msgspec.Struct, frozen=True, kw_only=True, tag="evaluator"):
-    items: int = 100
+    """The in-run held-out sets: ``items`` like the loop's problems, ``hard_items`` longer (6-8 operations),
+    both from the held-out hash bucket, drawn with ``seed`` (``seed + 1`` for the harder set)."""
+
+    items: int = 64
+    hard_items: int = 32
     seed: int = 1_000_003
-    mode: str = "direct"
 
 
 RoleSettings = Union[SolverSettings, CriticSettings, CorrectorSettings, ValidatorSettings, EvaluatorSettings]
@@ -247,7 +250,8 @@ def plan_run(cfg: ScritConfig) -> RunPlan:
         roles.append(RoleSpec(
             name="evaluator", kind="evaluator", engine=critic_engine, style=style,
             sampling=SamplingParams(max_new_tokens=critic.max_new_tokens),
-            settings=EvaluatorSettings(items=cfg.run.heldout_eval_items, seed=cfg.domain.heldout_seed), **role))
+            settings=EvaluatorSettings(items=cfg.run.heldout_eval_items, hard_items=cfg.run.heldout_hard_items,
+                                       seed=cfg.domain.heldout_seed), **role))
     return RunPlan(engines=engines, hosts=engine_hosts(engines, res.colocate_engines), roles=roles)
 
 

@@ -59,9 +59,12 @@ class RunDisplay:
                 f"{totals.get('critiques', 0)} | kept {totals.get('kept', 0)} (pass {'-' if rate is None else f'{rate:.2f}'})"
                 f" | {self.tokens / elapsed:,.0f} tok/s | buffer {event.get('buffer_size', 0)}")
         elif kind == "eval":
+            hard = event.get("hard") or {}
+            harder = (f"; 6-8 ops: EI-F1 {hard.get('ei_f1') or 0:.3f} CC-Acc {hard.get('cc_acc') or 0:.3f} "
+                      f"(n={hard.get('n')})") if hard else ""
             self.console.print(f"[bold green]eval[/] version {event['version']}: EI-F1 {event.get('ei_f1') or 0:.3f} "
                                f"CC-Acc {event.get('cc_acc') or 0:.3f} acc_err {event.get('acc_err') or 0:.3f} "
-                               f"acc_cor {event.get('acc_cor') or 0:.3f} (n={event.get('n')})")
+                               f"acc_cor {event.get('acc_cor') or 0:.3f} (n={event.get('n')}){harder}")
         elif kind == "endpoint":
             self.console.print(f"[bold]critic endpoint[/] {event['url']}  (POST /v1/critique, /v1/chat/completions; "
                                "it follows every new version)")

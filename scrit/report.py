@@ -75,9 +75,13 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     batches = [e for e in events if e.get("kind") == "batch"]
     train = read_events(run_dir / "train_metrics.jsonl")
     plots = []
-    if _plot(run_dir / "heldout_scores.png", "Held-out critique scores per critic version", "critic version",
-             {key: ([e["version"] for e in evals if e.get(key) is not None],
-                    [e[key] for e in evals if e.get(key) is not None]) for key in ("ei_f1", "cc_acc", "ei_f1_scrit")}):
+    curves = {key: ([e["version"] for e in evals if e.get(key) is not None],
+                    [e[key] for e in evals if e.get(key) is not None]) for key in ("ei_f1", "cc_acc", "acc_cor")}
+    for key in ("ei_f1", "cc_acc", "acc_cor"):
+        hard = [(e["version"], e["hard"][key]) for e in evals if (e.get("hard") or {}).get(key) is not None]
+        if hard:
+            curves[f"{key} (6-8 ops)"] = ([v for v, _ in hard], [x for _, x in hard])
+    if _plot(run_dir / "heldout_scores.png", "Held-out critique scores per critic version", "critic version", curves):
         plots.append(("Held-out scores per version", "heldout_scores.png"))
     if _plot(run_dir / "pass_rate.png", "Validation pass rate", "seconds",
              {"pass rate": ([e["t"] for e in batches if e.get("pass_rate") is not None],
@@ -104,12 +108,20 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
               ""]
     if evals:
         lines += ["## Held-out evaluation (direct critique, problems never trained on)", "",
-                  "| version | n | EI-F1 | EI-F1 (SCRIT) | CC-Acc | acc_err | acc_cor | parse rate |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "In-run sets are small (a trend); score a version with `scrit eval --bench arith` / `arith-hard`.", "",
+                  "| version | n | EI-F1 | EI-F1 (SCRIT) | CC-Acc | acc_err | acc_cor | parse rate "
+                  "| 6-8 ops: n | EI-F1 | CC-Acc | acc_cor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def cells(scores: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+            return [f"{scores[k]:.3f}" if isinstance(scores.get(k), (int, float)) else "-" for k in keys]
+
         for e in evals:
-            cells = [f"{e[k]:.3f}" if isinstance(e.get(k), (int, float)) else "-"
-                     for k in ("ei_f1", "ei_f1_scrit", "cc_acc", "acc_err", "acc_cor", "parse_rate")]
-            lines.append(f"| {e['version']} | {e.get('n', '-')} | " + " | ".join(cells) + " |")
+            hard = e.get("hard") or {}
+            row = [str(e["version"]), str(e.get("n", "-")),
+                   *cells(e, ("ei_f1", "ei_f1_scrit", "cc_acc", "acc_err", "acc_cor", "parse_rate")),
+                   str(hard.get("n", "-")), *cells(hard, ("ei_f1", "cc_acc", "acc_cor"))]
+            lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     mix = summary.get("kept_error_kinds") or {}
     if mix:

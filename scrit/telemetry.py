@@ -129,8 +129,10 @@ METRICS: dict[str, MetricSpec] = {
     "scrit_trainer_tokens_total": MetricSpec("counter", "Tokens trained on by rank 0.", ("run",)),
     "scrit_trainer_workers": MetricSpec("gauge", "Ray Train workers (world size).", ("run",)),
     # -- held-out evaluation (driver) ------------------------------------------------------------
-    "scrit_eval_ei_f1": MetricSpec("gauge", "Held-out EI-F1 of a critic version (direct mode).", ("run", "version")),
-    "scrit_eval_cc_acc": MetricSpec("gauge", "Held-out CC-Acc of a critic version (direct mode).", ("run", "version")),
+    "scrit_eval_ei_f1": MetricSpec("gauge", "Held-out EI-F1 of a critic version (direct mode; split arith or "
+                                   "arith-hard).", ("run", "version", "split")),
+    "scrit_eval_cc_acc": MetricSpec("gauge", "Held-out CC-Acc of a critic version (direct mode; split arith or "
+                                    "arith-hard).", ("run", "version", "split")),
     # -- the HTTP endpoint (Ray Serve) -----------------------------------------------------------
     "scrit_endpoint_requests_total": MetricSpec(
         "counter", "HTTP requests answered, by route and status code.", ("run", "route", "code")),
@@ -352,7 +354,8 @@ def count_swap_error(role: str) -> None:
 
 def record_event(event: Mapping[str, Any]) -> None:
     """The driver's run events (``metrics.jsonl`` lines): ``batch`` -> pipeline counters and pass
-    rate; ``version`` -> the published version; ``eval`` -> EI-F1 / CC-Acc for its version."""
+    rate; ``version`` -> the published version; ``eval`` -> EI-F1 / CC-Acc for its version, on the
+    in-distribution set (split ``arith``) and the harder one (``hard``: split ``arith-hard``)."""
     if not enabled():
         return
     kind = event.get("kind")
@@ -370,9 +373,10 @@ def record_event(event: Mapping[str, Any]) -> None:
         set_version("published", int(event["version"]))
     elif kind == "eval" and event.get("version") is not None:
         version = int(event["version"])
-        for key, name in (("ei_f1", "scrit_eval_ei_f1"), ("cc_acc", "scrit_eval_cc_acc")):
-            if event.get(key) is not None:
-                _labels(name, version=version).set(float(event[key]))
+        for split, scores in (("arith", event), ("arith-hard", event.get("hard") or {})):
+            for key, name in (("ei_f1", "scrit_eval_ei_f1"), ("cc_acc", "scrit_eval_cc_acc")):
+                if scores.get(key) is not None:
+                    _labels(name, version=version, split=split).set(float(scores[key]))
 
 
 _BUFFER_GAUGES = {

@@ -296,7 +296,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         ("metrics.port=-1", "metrics.port"),
         ("critic.backend=http", "critic.model"),
         ("critic.model=https://example.org/v1", "critic.backend"),
-        ("buffer.capacity=4", "buffer.capacity"),
+        ("buffer.capacity=3", "buffer.capacity"),
     ],
 )
 def test_range_errors_name_the_key(override: str, key: str) -> None:

@@ -248,3 +248,15 @@ def test_eval_jsonl_malformed(tmp_path: Path, line: str, needle: str) -> None:
 def test_eval_jsonl_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no such file"):
         read_eval_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_the_harder_arith_set_has_6_to_8_operations_from_the_heldout_bucket() -> None:
+    from scrit.domains.arith import arith_split, parse_problem
+    from scrit.evaluate import build_arith_evalset, load_bench
+
+    hard = load_bench("arith-hard", limit=40)
+    assert len(hard) == 40 and {item.split for item in hard} == {"arith-hard"}
+    assert all(6 <= len(parse_problem(item.problem).ops) <= 8 for item in hard)
+    assert all(arith_split(item.problem) == "heldout" for item in hard)
+    assert 10 <= sum(item.label >= 0 for item in hard) <= 30  # about half carry a wrong step
+    assert not {i.problem for i in hard} & {i.problem for i in build_arith_evalset(300)}  # its own problems

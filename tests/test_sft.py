@@ -42,7 +42,7 @@ def ids(tok, text: str) -> list[int]:
 
 
 def test_layout_labels_and_right_padding(tok) -> None:
-    batch = encode_examples(tok, [ex("Q: 1+1", "ok"), ex("Q", "Step 1: right")], max_seq_len=64)
+    batch = encode_examples(tok, [ex("Q: 1+1", "ok"), ex("Q", "Step 1: right")], max_seq_len=64, pad_to_multiple_of=1)
     assert batch["num_skipped"] == 0
     bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     first = [bos] + ids(tok, "Q: 1+1") + ids(tok, "ok") + [eos]
@@ -88,13 +88,13 @@ def test_too_long_targets_are_skipped_and_counted(tok) -> None:
 def test_chat_template_wraps_the_prompt_like_the_backend(tok) -> None:
     chat_tok = build_char_tokenizer()
     chat_tok.chat_template = "{% for m in messages %}U:{{ m['content'] }}\n{% endfor %}C:"
-    batch = encode_examples(chat_tok, [ex("hi", "ok")], max_seq_len=64, chat_template=True)
+    batch = encode_examples(chat_tok, [ex("hi", "ok")], max_seq_len=64, chat_template=True, pad_to_multiple_of=1)
     assert batch["input_ids"][0].tolist() == ids(tok, "U:hi\nC:") + ids(tok, "ok") + [tok.eos_token_id]
     assert batch["labels"][0].tolist()[: len("U:hi\nC:")] == [IGNORE_INDEX] * len("U:hi\nC:")
 
 
 def test_loss_is_mean_cross_entropy_over_target_tokens_by_hand(tok, model) -> None:
-    batch = encode_examples(tok, [ex("Start with 3. Add 4.", "Step 1: correct")], max_seq_len=128)
+    batch = encode_examples(tok, [ex("Start with 3. Add 4.", "Step 1: correct")], max_seq_len=128, pad_to_multiple_of=1)
     with torch.no_grad():
         loss, n = sft_loss(model, batch)
         logits = model(input_ids=batch["input_ids"]).logits[0]
@@ -106,7 +106,7 @@ def test_loss_is_mean_cross_entropy_over_target_tokens_by_hand(tok, model) -> No
 
 
 def test_prompt_positions_contribute_no_loss_and_no_gradient(tok) -> None:
-    batch = encode_examples(tok, [ex("some prompt", "target!")], max_seq_len=64)
+    batch = encode_examples(tok, [ex("some prompt", "target!")], max_seq_len=64, pad_to_multiple_of=1)
     labels = batch["labels"]
     logits = torch.randn(1, labels.shape[1], len(tok), requires_grad=True)
     losses = token_losses(logits, labels)
@@ -142,3 +142,15 @@ def test_different_prompt_same_target_counts_the_same_tokens(tok, model) -> None
         (la, na), (lb, nb) = sft_loss(model, a), sft_loss(model, b)
     assert na == nb == len("Step 1: wrong") + 1
     assert math.isfinite(la.item()) and math.isfinite(lb.item())
+
+
+def test_width_is_rounded_to_a_few_shapes_and_padding_changes_no_loss(tok, model) -> None:
+    """Widths round up to a multiple of 64 (capped at max_seq_len) so per-shape caches stay small; the
+    pads carry no label and no attention, so the loss is the same as unpadded."""
+    examples = [ex("Start with 3. Add 4.", "Step 1: correct"), ex("Start with 5.", "Step 1: 5 + 1 = 6: wrong")]
+    tight = encode_examples(tok, examples, max_seq_len=128, pad_to_multiple_of=1)
+    rounded = encode_examples(tok, examples, max_seq_len=128)
+    assert tight["input_ids"].shape[1] % 64 != 0 and rounded["input_ids"].shape[1] == 64
+    assert encode_examples(tok, examples, max_seq_len=40)["input_ids"].shape[1] <= 40
+    with torch.no_grad():
+        assert torch.allclose(sft_loss(model, tight)[0], sft_loss(model, rounded)[0], atol=1e-5)

@@ -113,12 +113,15 @@ def test_run_events_feed_pipeline_and_eval_metrics():
     kept = value("scrit_pipeline_items_total", stage="kept") or 0.0
     telemetry.record_event({"kind": "batch", "problems": 16, "solutions": 32, "parsed": 20, "validated": 15,
                             "kept": 15, "critiques": 21, "pass_rate": 0.75, "latest_version": 2})
-    telemetry.record_event({"kind": "eval", "version": 2, "ei_f1": 0.4, "cc_acc": 0.5, "n": 16})
+    telemetry.record_event({"kind": "eval", "version": 2, "ei_f1": 0.4, "cc_acc": 0.5, "n": 16,
+                            "hard": {"ei_f1": 0.2, "cc_acc": 0.1, "n": 8}})
     telemetry.record_event({"kind": "stop", "reason": "max_wall_seconds"})  # other kinds are ignored
     assert value("scrit_pipeline_items_total", stage="kept") == kept + 15
     assert value("scrit_validation_pass_rate") == 0.75
     assert value("scrit_critic_version", role="published") == 2
-    assert value("scrit_eval_ei_f1", version="2") == 0.4 and value("scrit_eval_cc_acc", version="2") == 0.5
+    assert value("scrit_eval_ei_f1", version="2", split="arith") == 0.4
+    assert value("scrit_eval_cc_acc", version="2", split="arith") == 0.5
+    assert value("scrit_eval_ei_f1", version="2", split="arith-hard") == 0.2
     telemetry.record_event({"kind": "version", "version": 3, "target": 6})  # the driver saw version 3 published
     assert value("scrit_critic_version", role="published") == 3
 

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 SEED_INFO = "seed_info.json"  # marks the seed family (prompt-style detection); carried forward
 TRAIN_INFO = "train_info.json"  # provenance of a published version
 POLL_S = 0.5  # how long a starving worker sleeps before asking the buffer again
-TRIM_EVERY = 10  # optimizer steps between handing freed memory back to the OS (scrit.memory)
+TRIM_EVERY = 1  # optimizer steps between handing freed memory back to the OS (scrit.memory; ~free)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""What a run learns, measured on held-out data: every published version scored, as a scaling curve.
+
+    .venv/bin/python benchmarks/learning.py run  --label default-s1 [--set KEY=VALUE ...] [--taskset 0]
+    .venv/bin/python benchmarks/learning.py eval --run-dir RUN_DIR --label NAME
+    .venv/bin/python benchmarks/learning.py plot [RESULTS.jsonl ...] --out docs/learning_curve.png
+
+* ``run``: ``scrit run`` (the built-in default plus ``--set`` overrides) in a subprocess, optionally
+  confined to fewer CPUs (``--taskset 0``: core 0 only, a machine half as fast) or beside a CPU hog
+  (``--hog``), then ``eval`` of its run directory.
+* ``eval``: every published version (and the seed, version 0) scored by ``scrit eval`` in direct mode on
+  the project's held-out sets, ``--items`` problems like the loop's (``--bench arith``) and
+  ``--hard-items`` longer ones (``--bench arith-hard``, 6-8 operations), with the examples each version
+  was trained on (optimizer steps x examples per step, from ``train_metrics.jsonl``). Two evaluations
+  run at once (one vLLM engine each, one per core). One JSON line per run is appended to
+  ``--results`` (default ``benchmarks/results/learning.jsonl``, not committed).
+* ``plot``: EI-F1 and CC-Acc against examples trained on, one line per run and set (matplotlib).
+
+No number here comes from inside the loop: the held-out problems are in a hash bucket no training
+example uses (``scrit.domains.arith.arith_split``), and the scores are the project's EI-F1 / CC-Acc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIT = ROOT / ".venv" / "bin" / "scrit"
+RESULTS = ROOT / "benchmarks" / "results" / "learning.jsonl"
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def score(model: str, bench: str, items: int) -> dict[str, Any]:
+    """``scrit eval --json`` of one model on one held-out set (vLLM engine, one thread)."""
+    command = [str(SCRIT), "eval", "--model", model, "--bench", bench, "--mode", "direct", "--limit", str(items),
+               "--backend", "vllm", "--batch-size", "128", "--json"]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["average"]
+
+
+def evaluate_run(run_dir: Path, items: int, hard_items: int) -> list[dict[str, Any]]:
+    """Every version of ``run_dir`` (0 = the seed) on both held-out sets, with examples trained on."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    registry = [json.loads(line) for line in (run_dir / "versions" / "registry.jsonl").read_text().splitlines()
+                if line.strip()] if (run_dir / "versions" / "registry.jsonl").is_file() else []
+    train = summary["config"]["train"]
+    per_step = int(train["batch_size"]) * int(train["grad_accum"])
+    models = [(0, summary["seed_model"], 0)] + [(v["version"], v["uri"], v["step"] * per_step) for v in registry]
+    jobs = [(version, uri, examples, bench, n) for version, uri, examples in models
+            for bench, n in (("arith", items), ("arith-hard", hard_items)) if n > 0]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two engines, one per core
+        scores = list(pool.map(lambda job: score(job[1], job[3], job[4]), jobs))
+    rows: dict[int, dict[str, Any]] = {}
+    for (version, uri, examples, bench, _), average in zip(jobs, scores):
+        row = rows.setdefault(version, {"version": version, "model": uri, "examples": examples})
+        row[bench] = {k: average.get(k) for k in ("n", "ei_f1", "cc_acc", "acc_err", "acc_cor", "ei_f1_scrit")}
+    return [rows[v] for v in sorted(rows)]
+
+
+def run_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"scrit-learning-{args.label}-")) / "run"
+    command = [str(SCRIT), "run", "--run-dir", str(run_dir)]
+    for item in args.set:
+        command += ["--set", item]
+    if args.taskset:
+        command = ["taskset", "-c", args.taskset, *command]
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
+    started = time.time()
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=args.timeout)
+    finally:
+        if hog is not None:
+            hog.kill()
+    wall = time.time() - started
+    (run_dir.parent / "scrit-run.log").write_text(result.stdout + result.stderr)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    record = {"label": args.label, "overrides": args.set, "taskset": args.taskset, "hog": args.hog,
+              "run_dir": str(run_dir), "rc": result.returncode, "status": summary.get("status"),
+              "wall_s": round(wall, 1), "versions": summary.get("versions"), "counts": summary.get("counts"),
+              "curve": evaluate_run(run_dir, args.items, args.hard_items) if summary else []}
+    _append(args.results, record)
+    _print(record)
+    return record
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _print(record: dict[str, Any]) -> None:
+    print(f"[{record['label']}] {record.get('status')} rc={record.get('rc')} versions={record.get('versions')} "
+          f"wall={record.get('wall_s')} s  run: {record.get('run_dir')}")
+    seed = record["curve"][0] if record["curve"] else None
+    for row in record["curve"]:
+        cells = []
+        for bench in ("arith", "arith-hard"):
+            scores = row.get(bench)
+            if not scores:
+                continue
+            base = seed[bench] if seed else scores
+            rel = lambda key: (scores[key] / base[key] - 1) * 100 if base.get(key) else 0.0  # noqa: E731
+            cells.append(f"{bench}: EI-F1 {scores['ei_f1']:.3f} ({rel('ei_f1'):+.0f} %) CC-Acc {scores['cc_acc']:.3f} "
+                         f"({rel('cc_acc'):+.0f} %) acc_cor {scores['acc_cor']:.3f}")
+        print(f"  v{row['version']} ({row['examples']} examples): " + " | ".join(cells))
+
+
+def plot(paths: list[Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, key, title in ((axes[0], "ei_f1", "EI-F1 (direct)"), (axes[1], "cc_acc", "CC-Acc (direct)")):
+        for record in records:
+            for bench, style in (("arith", "-o"), ("arith-hard", "--s")):
+                points = [(row["examples"], row[bench][key]) for row in record["curve"] if row.get(bench)]
+                if points:
+                    axis.plot(*zip(*points), style, label=f"{record['label']} ({'6-8 ops' if bench != 'arith' else '2-5 ops'})",
+                              markersize=4)
+        axis.set_title(title)
+        axis.set_xlabel("examples trained on (optimizer steps x examples per step)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "eval"):
+        command = sub.add_parser(name)
+        command.add_argument("--label", required=True)
+        command.add_argument("--items", type=int, default=300, help="held-out items like the loop's (2-5 ops)")
+        command.add_argument("--hard-items", type=int, default=200, help="harder held-out items (6-8 ops)")
+        command.add_argument("--results", type=Path, default=RESULTS)
+    sub.choices["run"].add_argument("--set", action="append", default=[], help="config override")
+    sub.choices["run"].add_argument("--taskset", help="CPU list for taskset -c (e.g. 0: one core)")
+    sub.choices["run"].add_argument("--hog", action="store_true", help="a busy-looping process beside the run")
+    sub.choices["run"].add_argument("--timeout", type=float, default=5400)
+    sub.choices["eval"].add_argument("--run-dir", type=Path, required=True)
+    plotting = sub.add_parser("plot")
+    plotting.add_argument("paths", nargs="*", type=Path, default=[RESULTS])
+    plotting.add_argument("--out", type=Path, default=ROOT / "docs" / "learning_curve.png")
+    args = parser.parse_args()
+    if args.command == "run":
+        run_and_evaluate(args)
+    elif args.command == "eval":
+        record = {"label": args.label, "run_dir": str(args.run_dir),
+                  "curve": evaluate_run(args.run_dir, args.items, args.hard_items)}
+        _append(args.results, record)
+        _print(record)
+    else:
+        plot(args.paths, args.out)
+
+
+if __name__ == "__main__":
+    main()
