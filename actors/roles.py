@@ -364,8 +364,10 @@ class Validator(_Role):
         require_answer_match: bool = True,
         require_verdict_match: bool = True,
         name: str = "validator",
+        rejudge_correct: bool = False,
     ) -> None:
         super().__init__(engine, name)
+        self.rejudge_correct = rejudge_correct
         self.domain = domain
         self.style = style
         self.require_answer_match = require_answer_match
@@ -408,9 +410,18 @@ class Validator(_Role):
                 candidates = [(r, c) for r, c in candidates if verdict_matches_label(c, r.solution)]
             counts["consistent"] = len(candidates)
             if self.engine is not None and candidates:
-                texts = [corrected_solution(self.domain, r.solution, c) for r, c in candidates]
-                verdicts = self.validate([r.problem for r, _ in candidates], texts)
-                candidates = [c for c, v in zip(candidates, verdicts) if v.passed]
+                # A critique that calls a solution with the right final answer correct corrects nothing:
+                # the final answer already confirms it, so only corrections go to the judge (unless
+                # rejudge_correct). Re-judging them kept only the correct solutions the critic already
+                # recognises, and trained it to call the others wrong.
+                unchanged = {id(c) for r, c in candidates
+                             if not self.rejudge_correct and r.solution.correct and c.judged_correct}
+                judged = [(r, c) for r, c in candidates if id(c) not in unchanged]
+                texts = [corrected_solution(self.domain, r.solution, c) for r, c in judged]
+                verdicts = self.validate([r.problem for r, _ in judged], texts) if judged else []
+                kept = unchanged | {id(c) for (_, c), v in zip(judged, verdicts) if v.passed}
+                candidates = [(r, c) for r, c in candidates if id(c) in kept]
+                counts["judged"] = len(judged)
             counts["validated"] = len(candidates)
             counts["critic_version"] = max((c.version for _, c in candidates), default=-1)
             examples = [training_example(r.problem, r.solution, c.raw_text, c.version, self.style, batch.batch_id)
@@ -478,7 +489,7 @@ def make_role(spec: RoleSpec, engine: Any) -> Solver | Critic | Corrector | Vali
     if spec.kind == "validator":
         assert isinstance(settings, factory.ValidatorSettings)
         return Validator(engine, domain, spec.style, spec.sampling, settings.require_answer_match,
-                         settings.require_verdict_match, spec.name)
+                         settings.require_verdict_match, spec.name, settings.rejudge_correct)
     if spec.kind == "evaluator":
         assert isinstance(settings, factory.EvaluatorSettings)
         from scrit.evaluate import build_arith_evalset, build_hard_evalset

@@ -152,6 +152,9 @@ class ValidatorConfig(_Section):
     enabled: bool = True
     require_answer_match: bool = True  # the correction's answer must also equal the known answer
     require_verdict_match: bool = True  # the critique's conclusion must agree with the final-answer label
+    # Also re-judge critiques that call a solution with the right answer correct (they correct nothing;
+    # the final answer confirms them). false: only corrections are judged (cheaper, and unbiased).
+    rejudge_correct: bool = False
     num_actors: AtLeast1 = 1  # validator role actors (they share the critic's engines)
 
 

@@ -112,6 +112,7 @@ class CorrectorSettings(msgspec.Struct, frozen=True, kw_only=True, tag="correcto
 class ValidatorSettings(msgspec.Struct, frozen=True, kw_only=True, tag="validator"):
     require_answer_match: bool = True
     require_verdict_match: bool = True
+    rejudge_correct: bool = False
 
 
 class EvaluatorSettings(msgspec.Struct, frozen=True, kw_only=True, tag="evaluator"):
@@ -245,7 +246,8 @@ def plan_run(cfg: ScritConfig) -> RunPlan:
         name="validator", kind="validator", engine=critic_engine if validator.enabled else None, style=style,
         sampling=critique, replicas=validator.num_actors, settings=ValidatorSettings(
             require_answer_match=validator.require_answer_match,
-            require_verdict_match=validator.require_verdict_match), **role))
+            require_verdict_match=validator.require_verdict_match, rejudge_correct=validator.rejudge_correct),
+        **role))
     if cfg.run.heldout_eval_items > 0 and cfg.domain.name == "arith":  # the held-out bucket is arith's
         roles.append(RoleSpec(
             name="evaluator", kind="evaluator", engine=critic_engine, style=style,

@@ -424,3 +424,27 @@ def test_make_role_builds_every_role_of_the_default_plan() -> None:
     split = plan_run(load_config(None, ["resources.colocate_engines=false", "critic.engines=2"]))
     assert [h.name for h in split.hosts] == ["critic-engine.0", "critic-engine.1", "solver0-careless-engine.0"]
     assert split.hosts_of(split.engines[0]) == ["critic-engine.0", "critic-engine.1"]
+
+
+def test_the_validator_judges_corrections_and_keeps_confirmed_correct_verdicts() -> None:
+    """A critique that calls a right-answer solution correct corrects nothing: its final answer confirms
+    it, so it is kept without a second judgment (rejudge_correct=False); corrections are judged."""
+    good, bad = solution(GOOD), solution(BAD)
+    requests = [r for r in make_requests(PROBLEM, [good, solution(GOOD, "b"), bad], random.Random(0))
+                if r.reference is not None]
+    assert sorted(r.solution.correct for r in requests) == [False, True, True]
+    critic = Critic(Scripted(lambda p: HEAD if "52" in p.split("Student:")[-1] else APPROVE.split("Correction:")[0]
+                             + "Correction:"), ARITH)
+    critiques = critic.critique(requests)
+    corrections = Corrector(Scripted(lambda p: TAIL if "wrong" in p.split("Critique:")[-1]
+                                     else " none needed\nThe answer is \\boxed{47}."), ARITH).correct(requests, critiques)
+    batch = CritiqueBatch(batch_id=0, requests=requests, critiques=critiques, corrections=corrections,
+                          counts={"critiques": len(requests)})
+    for rejudge, judged in ((False, 1), (True, 3)):
+        judge = Scripted(lambda p: APPROVE)
+        out = Validator(judge, ARITH, rejudge_correct=rejudge).validate_batch(batch)
+        assert out.counts["judged"] == judged == sum(len(prompts) for prompts, _ in judge.calls)
+        assert out.counts["validated"] == len(requests)  # the judge approves everything here
+    # A judge that rejects everything keeps only the confirmed correct verdicts.
+    out = Validator(Scripted(lambda p: HEAD), ARITH).validate_batch(batch)
+    assert [e.student_correct for e in out.examples] == [True] * sum(r.solution.correct for r in requests)
