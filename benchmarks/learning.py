@@ -39,7 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "learning.jsonl"
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "local"  # its own Ray: an empty address would join any Ray already running here
     return env
 
 

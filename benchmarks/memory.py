@@ -149,7 +149,7 @@ def run_once(label: str, python_path: str | None, args: argparse.Namespace) -> d
     for item in args.set:
         command += ["--set", item]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "local"  # its own Ray: an empty address would join any Ray already running here
     if python_path:
         env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
     log_path = run_dir.parent / "scrit-run.log"

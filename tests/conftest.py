@@ -25,6 +25,7 @@ def shared_data() -> Path:
 def ray_session():
     """One real local Ray for every in-process test (``ray.init(num_cpus=2)``, as on these 2-core machines).
 
+    ``address="local"``: never join a Ray that a ``scrit run`` subprocess left running on the host.
     Tests kill the actors they start, so later tests find the CPUs free. Torch in this process runs one
     thread: with Ray's workers on the same two cores, more threads only fight them."""
     ray = pytest.importorskip("ray")
@@ -34,7 +35,7 @@ def ray_session():
     torch.set_num_threads(1)
     owned = not ray.is_initialized()
     if owned:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     if owned:
         ray.shutdown()

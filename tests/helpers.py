@@ -21,8 +21,9 @@ def free_port() -> int:
 
 def scrit_env(**extra: str) -> dict[str, str]:
     """The environment of a ``scrit`` subprocess: offline, and its own local Ray unless ``RAY_ADDRESS``
-    is given."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": "", **extra}
+    is given. ``local``, not empty: with no address Ray joins any Ray already running on the host (found by
+    process name), which here is the test session's own."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": "local", **extra}
 
 
 def scrit_run_command(run_dir: Path, *extra: str, config: Path | None = TINY) -> list[str]:

@@ -30,7 +30,7 @@ TINY = REPO / "configs" / "tiny-test.yaml"
 
 
 def start_run(run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
     command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(TINY), "--run-dir", str(run_dir), *extra]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: killpg reaches only this run

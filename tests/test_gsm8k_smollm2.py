@@ -73,7 +73,7 @@ def test_gsm8k_smollm2_end_to_end(tmp_path: Path, shared_data: Path) -> None:
     if not data.is_file():
         pytest.skip(f"GSM8K training split not found at {data}")
     run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(CONFIG), "--run-dir", str(run_dir),
                "--set", f"domain.data_path={data}"]
     for item in TINY:

@@ -117,7 +117,7 @@ def test_prometheus_scrapes_a_run(tmp_path, prometheus_binary):
     prometheus = Prometheus(prometheus_binary, config, tmp_path / "tsdb", tmp_path / "prometheus.log")
     try:
         prometheus.wait_ready()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
         command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(REPO / "configs" / "tiny-test.yaml"),
                    "--run-dir", str(run_dir), "--set", "metrics.enabled=true", "--set", f"run.name={run_name}",
                    # tiny-test's 2 steps can let the trainer exit before Prometheus scraped its exporter once

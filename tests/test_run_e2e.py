@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def scrit_run(run_dir: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
     command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(REPO / "configs" / "tiny-test.yaml"),
                "--run-dir", str(run_dir), *extra]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -38,7 +38,7 @@ def critique(url: str) -> httpx.Response:
 def run_serving(run_dir: Path) -> tuple[subprocess.CompletedProcess, list[int]]:
     """The first run, with the critic endpoint on and --keep-serving: query it while the run is going
     and after it ended, then stop it with Ctrl-C (SIGINT). Returns the run and the versions served."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
     command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(REPO / "configs" / "tiny-test.yaml"),
                "--run-dir", str(run_dir), "--set", "serve.enabled=true", "--set", f"serve.port={free_port()}",
                "--keep-serving"]

@@ -33,7 +33,7 @@ PROBLEM = "Start with 25. Multiply by 2. Add 45. What is the result?"
 
 def test_a_run_with_every_role_on_vllm_publishes_and_its_actors_use_the_new_version(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
     command = [sys.executable, "-m", "scrit.cli", "run", "--config", str(REPO / "configs" / "tiny-test.yaml"),
                "--run-dir", str(run_dir), "--set", "run.versions=2", "--set", "critic.backend=vllm",
                "--set", "solvers[0].backend=vllm", "--set", "vllm.kv_cache_gib=0.25",
