@@ -53,14 +53,17 @@ def score(model: str, bench: str, items: int) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])["average"]
 
 
-def evaluate_run(run_dir: Path, items: int, hard_items: int) -> list[dict[str, Any]]:
-    """Every version of ``run_dir`` (0 = the seed) on both held-out sets, with examples trained on."""
+def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = False) -> list[dict[str, Any]]:
+    """Every version of ``run_dir`` (0 = the seed) on both held-out sets, with examples trained on
+    (``ends_only``: the seed and the final version, a third of the time for a quick comparison)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     registry = [json.loads(line) for line in (run_dir / "versions" / "registry.jsonl").read_text().splitlines()
                 if line.strip()] if (run_dir / "versions" / "registry.jsonl").is_file() else []
     train = summary["config"]["train"]
     per_step = int(train["batch_size"]) * int(train["grad_accum"])
     models = [(0, summary["seed_model"], 0)] + [(v["version"], v["uri"], v["step"] * per_step) for v in registry]
+    if ends_only:
+        models = [models[0], models[-1]] if len(models) > 1 else models
     jobs = [(version, uri, examples, bench, n) for version, uri, examples in models
             for bench, n in (("arith", items), ("arith-hard", hard_items)) if n > 0]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two engines, one per core
@@ -92,7 +95,7 @@ def run_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     record = {"label": args.label, "overrides": args.set, "taskset": args.taskset, "hog": args.hog,
               "run_dir": str(run_dir), "rc": result.returncode, "status": summary.get("status"),
               "wall_s": round(wall, 1), "versions": summary.get("versions"), "counts": summary.get("counts"),
-              "curve": evaluate_run(run_dir, args.items, args.hard_items) if summary else []}
+              "curve": evaluate_run(run_dir, args.items, args.hard_items, args.ends_only) if summary else []}
     _append(args.results, record)
     _print(record)
     return record
@@ -155,6 +158,7 @@ def main() -> None:
         command.add_argument("--items", type=int, default=300, help="held-out items like the loop's (2-5 ops)")
         command.add_argument("--hard-items", type=int, default=200, help="harder held-out items (6-8 ops)")
         command.add_argument("--results", type=Path, default=RESULTS)
+        command.add_argument("--ends-only", action="store_true", help="score only the seed and the final version")
     sub.choices["run"].add_argument("--set", action="append", default=[], help="config override")
     sub.choices["run"].add_argument("--taskset", help="CPU list for taskset -c (e.g. 0: one core)")
     sub.choices["run"].add_argument("--hog", action="store_true", help="a busy-looping process beside the run")
@@ -168,7 +172,7 @@ def main() -> None:
         run_and_evaluate(args)
     elif args.command == "eval":
         record = {"label": args.label, "run_dir": str(args.run_dir),
-                  "curve": evaluate_run(args.run_dir, args.items, args.hard_items)}
+                  "curve": evaluate_run(args.run_dir, args.items, args.hard_items, args.ends_only)}
         _append(args.results, record)
         _print(record)
     else:

@@ -163,7 +163,7 @@ class BufferConfig(_Section):
     correct_ratio: Fraction = 0.5  # share of examples whose student solution was correct (0.5 = 1:1)
     max_staleness: AtLeast0 = 2  # versions an example may lag the trainer; 0 = synchronous rounds
     max_ahead: AtLeast1 = 160  # backpressure: examples producers may hold beyond what the trainer consumed
-    max_reuse: AtLeast0 = 1  # times an example may be drawn before it retires (0 = unlimited)
+    max_reuse: AtLeast0 = 3  # times an example may be drawn before it retires (0 = unlimited)
     strict: bool = True  # a batch short of one class waits (True) or is filled from the other (False)
 
 
@@ -174,7 +174,7 @@ class TrainConfig(_Section):
     lr: Positive = 3e-4
     batch_size: AtLeast1 = 4  # examples per micro-batch (x grad_accum = examples per optimizer step)
     grad_accum: AtLeast1 = 2  # 4 x 2: the activations of 4 examples at a time (the trainer's peak memory)
-    steps_per_version: AtLeast1 = 70  # K: optimizer steps between published versions
+    steps_per_version: AtLeast1 = 50  # K: optimizer steps between published versions
     max_seq_len: Annotated[int, Meta(ge=16)] = 1024
     bf16: bool = True  # bf16 autocast is ~1.6x faster than fp32 on the dev CPUs
     weight_decay: NonNegative = 0.0
