@@ -73,7 +73,7 @@ def p1(args: argparse.Namespace) -> None:
         critiques = sum(len(critic.critique_batch(b, [p]).critiques) for b, p in zip(batches, parts))
         return critiques, time.perf_counter() - started
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     engines = start_engines(critic_spec.engine, None)
     actor = start_role(critic_spec, engine_actor_names(critic_spec.engine), None)
     ray.get([actor.ready.remote(), *[e.ready.remote() for e in engines]])

@@ -157,7 +157,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
     checkpoints = [save_perturbed("seed", run_dir / "versions" / f"v{v:04d}", seed=v) for v in range(1, args.swaps + 1)]
     print(f"wrote {len(checkpoints)} versions in {time.time() - t0:.1f}s", file=sys.stderr)
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     cfg = default_config()
     port = args.port or free_port()
     url = start_critic_endpoint(cfg, "seed", run_dir, port=port, replicas=args.replicas)

@@ -114,7 +114,7 @@ def main() -> None:
     import ray
 
     pool = example_pool()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     for strategy in args.strategies:
         plain = plain_loop(pool, args.steps)
         trained = ray_train(pool, args.steps, strategy)
