@@ -38,6 +38,7 @@ from scrit.backends.base import Generation, SamplingParams
 from scrit.parsing import parse_critique
 
 __all__ = [
+    "DONE_EVENT",
     "ApiError",
     "Capabilities",
     "ChatBody",
@@ -51,6 +52,7 @@ __all__ = [
     "Limits",
     "ModelList",
     "ResponseFormat",
+    "SamplingFields",
     "StopHoldback",
     "TextCompletion",
     "chat_prompt",
@@ -60,6 +62,7 @@ __all__ = [
     "decode_body",
     "encode_error",
     "error_body",
+    "error_event",
     "finish",
     "model_list",
     "openapi_components",
