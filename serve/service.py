@@ -262,6 +262,7 @@ class CriticService:
 
         def abort_once_admitted(admission: asyncio.Future) -> None:
             if not admission.cancelled() and admission.exception() is None:
+                self.aborted += 1
                 self.backend.abort([handle.request_id for handle in admission.result()])
 
         admitted = loop.run_in_executor(None, self.backend.submit_many, list(prompts), sampling, on_delta)

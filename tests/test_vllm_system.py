@@ -217,7 +217,8 @@ def test_a_short_request_finishes_while_a_long_one_streams(served: Served) -> No
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> None:
     """Closing the connection after a few chunks aborts the request in the engine: the replica counts it
-    aborted and the engine holds no unfinished request (its KV-cache slot is free)."""
+    aborted and the engine holds no unfinished request (its KV-cache slot is free). Likewise for a client
+    that stops waiting for a plain response."""
     before = served.health()
     assert before["unfinished_requests"] == 0
     with httpx.stream("POST", f"{served.url}/v1/chat/completions", timeout=300,
@@ -229,10 +230,20 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> 
             if contents >= 3:
                 assert served.health()["unfinished_requests"] == 1  # still generating
                 break  # leaving the lines closes the connection (httpx), as a client that goes away does
+    _wait_for_aborted(served, before["aborted"] + 1)
+
+    # A client that gives up on a plain (non-streamed) request: Serve cancels the handler, which aborts it too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                   json=_greedy(prompt=LONG_PROMPT))
+    _wait_for_aborted(served, before["aborted"] + 2)
+
+
+def _wait_for_aborted(served: Served, count: int) -> None:
     deadline = time.monotonic() + 30
-    while (health := served.health())["aborted"] == before["aborted"] and time.monotonic() < deadline:
+    while (health := served.health())["aborted"] < count and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert health["aborted"] == before["aborted"] + 1 and health["unfinished_requests"] == 0
+    assert health["aborted"] == count and health["unfinished_requests"] == 0
 
 
 def test_swaps_in_place_under_concurrent_clients_fail_no_request(served: Served, tmp_path: Path) -> None:
