@@ -232,7 +232,10 @@ def test_service_starts_on_the_newest_version_that_loads(tmp_path: Path, checkpo
 @pytest.mark.slow
 def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local",
+           # this checkout's code (cwd is tmp_path), not what the interpreter has installed
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH")) if p)}
     process = subprocess.Popen(
         [sys.executable, "-m", "scrit.cli", "serve", "--model", "seed", "--set", "critic.backend=hf", "--port", str(port), "--api-key", "cli-key",
          "--set", "resources.serve_replica_num_cpus=0.25"],

@@ -80,6 +80,12 @@ class Served:
         return httpx.get(f"{self.url}/healthz", timeout=60).json()
 
 
+def _this_checkout_first() -> str:
+    """PYTHONPATH for a ``scrit`` subprocess started outside the repository: this checkout's code, not what
+    the interpreter has installed (an editable install of another worktree would otherwise be served)."""
+    return os.pathsep.join(path for path in (str(REPO), os.environ.get("PYTHONPATH")) if path)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``scrit serve --follow RUN_DIR`` on vLLM in its own process (its own Ray), stopped with Ctrl-C."""
@@ -92,8 +98,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     process = subprocess.Popen(
         [sys.executable, "-m", "scrit.cli", "serve", "--model", "seed", "--follow", str(run_dir), "--port", str(port),
          "--api-key", KEY, "--set", "critic.backend=vllm", "--set", "vllm.kv_cache_gib=0.25"],
-        cwd=root, env=scrit_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=log, text=True,
-        start_new_session=True)
+        cwd=root, env=scrit_env(PYTHONUNBUFFERED="1", PYTHONPATH=_this_checkout_first()), stdout=subprocess.PIPE,
+        stderr=log, text=True, start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
