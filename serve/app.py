@@ -37,8 +37,9 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 import msgspec
 from fastapi import FastAPI, Request

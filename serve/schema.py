@@ -29,7 +29,7 @@ import copy
 import re
 import time
 import uuid
-from typing import Any, Iterator, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -153,7 +153,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     default_max_tokens: int = 512  # a chat request's, when it gives none
 
     @classmethod
-    def from_config(cls, serve_cfg: Any, critic_max_new_tokens: int = 512) -> "Limits":
+    def from_config(cls, serve_cfg: Any, critic_max_new_tokens: int = 512) -> Limits:
         """``max_prompt_chars`` is 4x ``max_problem_chars``: a critic prompt holds a problem, a
         reference and a solution plus the instructions."""
         chars = int(serve_cfg.max_problem_chars)

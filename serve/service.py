@@ -35,8 +35,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -119,7 +120,7 @@ class Generations:
         self._open = count  # generations not finished yet
 
     @classmethod
-    def finished(cls, generations: Sequence[Generation], piece_chars: int = 16) -> "Generations":
+    def finished(cls, generations: Sequence[Generation], piece_chars: int = 16) -> Generations:
         """Generations already made (a batch backend), handed out in pieces of ``piece_chars`` characters."""
         out = cls(len(generations), generations[0].version if generations else 0)
         for index, generation in enumerate(generations):
@@ -135,7 +136,7 @@ class Generations:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._queue.put_nowait, (index, text, final))
 
-    def __aiter__(self) -> "Generations":
+    def __aiter__(self) -> Generations:
         return self
 
     async def __anext__(self) -> Delta:
