@@ -7,8 +7,8 @@ started serving the version):
 * ``POST /v1/critique``: ``{"problem", "solution"}`` or ``{"problem", "steps": [...]}``, optional
   ``"reference"`` (contrastive mode) -> verdicts, first wrong step (0-based, -1 = none), correction,
   answer, the critique text and ``critic_version``;
-* ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream: true`` gives server-sent events) and
-  ``GET /v1/models``;
+* ``POST /v1/chat/completions`` and ``POST /v1/completions`` (OpenAI-compatible, ``stream: true``
+  gives server-sent events) and ``GET /v1/models`` (with how this replica streams and batches);
 * ``GET /healthz``: the replica's version, swap counters; never needs the API key.
 
 ``GET /openapi.json`` (``/docs``) describes every request, response and error body, with this
@@ -18,21 +18,28 @@ error is a JSON body naming the problem (and the field, ``param``); a body over 
 refused with 413 as soon as the bytes received pass it: the replica never holds it whole (Ray's HTTP
 proxy does read ahead of the replica until the 413 is sent).
 
-Requests are batched into the model with ``@serve.batch`` (``serve.max_batch_size``,
-``serve.batch_wait_timeout_s``), so concurrent clients share forward passes. Hot swap is in
-``serve/service.py``: replicas follow the run's registry file and switch between batches.
+On vLLM every request goes to the engine as it arrives (continuous batching: the engine's step loop
+runs whatever is in flight, and each request ends when it is done) and a streamed response sends the
+text as the engine makes it, holding back only what could be the start of a stop string; a client
+that disconnects has its request aborted in the engine. On the HF backend requests are grouped with
+``@serve.batch`` (``serve.max_batch_size``, ``serve.batch_wait_timeout_s``) into padded forward passes
+and a stream sends the finished text in pieces. Both routes of the OpenAI APIs share one path
+(``_respond``). Hot swap is in ``serve/service.py``: replicas follow the run's registry file and
+switch between requests, each request finishing on the version it started with.
 
 Entry points: ``start_critic_endpoint`` / ``stop_critic_endpoint`` (Ray already initialised; the
 ``scrit run`` driver and ``scrit serve`` use them).
 """
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -45,22 +52,29 @@ from starlette.requests import ClientDisconnect
 from scrit.backends.base import Generation, SamplingParams
 from scrit.serve.schema import (
     CRITIQUE_STOPS,
+    DONE_EVENT,
     ApiError,
+    Capabilities,
     ChatBody,
+    CompletionBody,
     CritiqueBody,
     Limits,
-    chat_chunks,
-    chat_completion,
+    ResponseFormat,
+    SamplingFields,
+    StopHoldback,
     chat_prompt,
-    chat_sampling,
+    completion_prompts,
     critique_input,
     critique_result,
     decode_body,
     encode_error,
+    error_event,
+    finish,
     model_list,
     openapi_components,
+    request_sampling,
 )
-from scrit.serve.service import ROLE, CriticService, ServeSettings, telemetry
+from scrit.serve.service import ROLE, CriticService, Delta, Generations, ServeSettings, telemetry
 
 __all__ = [
     "APP_NAME",
@@ -80,7 +94,7 @@ VERSION_HEADER = "x-critic-version"
 REPLICA_HEADER = "x-critic-replica"
 SINCE_HEADER = "x-critic-version-since"
 OPEN_PATHS = frozenset({"/healthz"})  # answered without the API key (liveness probes carry no secrets)
-ROUTES = frozenset({"/healthz", "/v1/models", "/v1/critique", "/v1/chat/completions"})  # metric labels
+ROUTES = frozenset({"/healthz", "/v1/models", "/v1/critique", "/v1/chat/completions", "/v1/completions"})  # metrics
 
 
 class _CriticAPI(FastAPI):
@@ -116,18 +130,21 @@ def _ref(name: str) -> dict[str, Any]:
     return {"schema": {"$ref": f"#/components/schemas/{name}"}}
 
 
-def _responses(ok: str, ok_description: str, *errors: int, stream: bool = False) -> dict[int | str, Any]:
+def _responses(ok: str, ok_description: str, *errors: int, chunk: str | None = None) -> dict[int | str, Any]:
     """OpenAPI ``responses`` of a route: ``ok`` (a component name) for 200 and the error body for
-    each status in ``errors``."""
+    each status in ``errors``; ``chunk`` names the event body of a streamed (``stream: true``) 200."""
     content = {"application/json": _ref(ok)}
-    if stream:
+    if chunk is not None:
         content["text/event-stream"] = {"schema": {  # one event (OpenAPI 3.1: the schema of each event)
             "type": "object", "required": ["data"],
-            "description": "With stream: true: one ChatCompletionChunk per event, then the event 'data: [DONE]'.",
+            "description": f"With stream: true: one {chunk} per event, then the event 'data: [DONE]' (an error "
+                           "after the stream began is one ErrorResponse event before it).",
             "properties": {"data": {"anyOf": [
                 {"type": "string", "const": "[DONE]"},
                 {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"$ref": "#/components/schemas/ChatCompletionChunk"}},
+                 "contentSchema": {"$ref": f"#/components/schemas/{chunk}"}},
+                {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"$ref": "#/components/schemas/ErrorResponse"}},
             ]}},
         }}
     out: dict[int | str, Any] = {200: {"description": ok_description, "content": content}}
@@ -243,6 +260,49 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _generation_failed(error: BaseException) -> ApiError:
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
+
+
+async def _events(form: ResponseFormat, generations: Generations, first: Delta, sampling: SamplingParams,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    """The server-sent events of a streamed response: each choice's text as it is made (never a stop
+    string or what could be the start of one: ``StopHoldback``), its end with the finish reason, the
+    usage if asked, ``[DONE]``. Whatever ends the stream early (a client that went away cancels it)
+    aborts the generations still running."""
+    holdbacks = [StopHoldback(sampling.stop) for _ in range(generations.count)]
+    finals: list[Generation] = []
+    try:
+        opening = form.opening(generations.count)
+        if opening:
+            yield opening
+        delta: Delta | None = first
+        while delta is not None:
+            holdback = holdbacks[delta.index]
+            if delta.final is None:
+                piece = holdback.feed(delta.text)
+                if piece:
+                    yield form.piece(delta.index, piece)
+            else:
+                text, reason, stop = finish(delta.final, sampling)
+                piece = holdback.finish(text)
+                if piece:
+                    yield form.piece(delta.index, piece)
+                yield form.end(delta.index, reason, stop)
+                finals.append(delta.final)
+            delta = await anext(generations, None)
+        if include_usage:
+            yield form.usage(finals)
+    except Exception as error:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+        log.exception("generation failed during a stream")
+        yield error_event(500, _generation_failed(error).message)
+    finally:
+        generations.close()
+    yield DONE_EVENT
+
+
+# Everything the routes use is defined above: ``serve.ingress`` pickles the FastAPI app, and with it the
+# module globals its routes name, when the class below is decorated (a helper defined later is missing).
 @serve.deployment(name="CriticServer")
 @serve.ingress(app)
 class CriticServer:
@@ -349,27 +409,65 @@ class CriticServer:
                            "not_found_error", param="model")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, items: list[tuple[str, SamplingParams]]) -> list[Generation | Exception]:
-        return await self.service.generate_batch(items)
+    async def _generate_batch(self, requests: list[tuple[list[str], SamplingParams]]
+                              ) -> list[list[Generation] | Exception]:
+        return await self.service.generate_batch(requests)
 
-    async def _generate(self, prompt: str, sampling: SamplingParams) -> Generation:
-        result = await self._generate_batch((prompt, sampling))
+    async def _start(self, prompts: list[str], sampling: SamplingParams) -> Generations:
+        """One request's generations: on a continuous engine they start now and stream as they are made;
+        otherwise the request joins a ``@serve.batch`` batch and its finished text is handed out in pieces."""
+        try:
+            if self.service.continuous:
+                return await self.service.submit(prompts, sampling)
+            result = await self._generate_batch((prompts, sampling))
+        except Exception as error:  # noqa: BLE001 - the engine refused the request (e.g. it was closed)
+            raise _generation_failed(error) from error
         if isinstance(result, Exception):
-            raise ApiError(500, f"generation failed: {type(result).__name__}: {result}", "server_error")
-        return result
+            raise _generation_failed(result)
+        return Generations.finished(result)
+
+    async def _generate(self, prompts: list[str], sampling: SamplingParams) -> list[Generation]:
+        """The finished generations of ``prompts``, in order."""
+        generations = await self._start(prompts, sampling)
+        try:
+            return await generations.results()
+        except Exception as error:  # noqa: BLE001 - a 500 in the API's shape
+            raise _generation_failed(error) from error
+
+    async def _respond(self, api: Literal["chat", "text"], prompts: list[str], sampling: SamplingParams,
+                       body: SamplingFields) -> Response:
+        """The response of either OpenAI API: the whole completion, or (``stream``) its events as the
+        text is made. The version that makes it is known once the request is in the engine, so it is in
+        the headers of both; an error before the first piece of text is still a JSON error."""
+        if not body.stream:
+            results = await self._generate(prompts, sampling)
+            form = ResponseFormat(api, self.settings.model_name, results[0].version)
+            return _json(form.completion(results, sampling), self.headers(results[0].version))
+        generations = await self._start(prompts, sampling)
+        try:
+            first = await anext(generations)
+        except Exception as error:  # noqa: BLE001 - nothing is sent yet: a JSON error
+            raise _generation_failed(error) from error
+        form = ResponseFormat(api, self.settings.model_name, generations.version)
+        events = _events(form, generations, first, sampling, body.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={**self.headers(generations.version), "Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------------------- routes
 
     @app.get("/healthz", openapi_extra={"security": []},
              responses=_responses("Health", "Alive; the replica's version (needs no API key)."))
     async def healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "replica": self.replica_id, "model": self.settings.model_name,
-                             **self.service.health()})
+        health = await asyncio.to_thread(self.service.health)  # asks the engine thread (between two steps)
+        return JSONResponse({"status": "ok", "replica": self.replica_id, "model": self.settings.model_name, **health})
 
     @app.get("/v1/models", responses=_responses("ModelList", "The served model.", 401))
     async def models(self) -> Response:
         active = self.service.active
-        return _json(model_list(self.settings.model_name, active.since, active.version))
+        continuous = self.service.continuous
+        capabilities = Capabilities(backend=self.settings.role.engine.backend, token_streaming=continuous,
+                                    continuous_batching=continuous)
+        return _json(model_list(self.settings.model_name, active.since, active.version, capabilities))
 
     @app.post("/v1/critique", openapi_extra=_json_body("CritiqueBody"),
               responses=_responses("CritiqueResult", "The critique.", 400, 401, 404, 413, 500))
@@ -380,7 +478,7 @@ class CriticServer:
         self._check_model(body.model)
         problem, solution, reference = critique_input(body, self.limits)
         prompt = critic_prompt(problem, solution, reference, self.settings.prompt_style)
-        generation = await self._generate(prompt, self.critique_sampling)
+        generation = (await self._generate([prompt], self.critique_sampling))[0]
         text = generation.text
         for marker in CRITIQUE_STOPS:  # a stop marker is the start of something else, not critique
             if text.endswith(marker):
@@ -390,19 +488,21 @@ class CriticServer:
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body("ChatBody"),
               responses=_responses("ChatCompletion", "The completion (stream: false) or its events (stream: true).",
-                                   400, 401, 404, 413, 500, stream=True))
+                                   400, 401, 404, 413, 500, chunk="ChatCompletionChunk"))
     async def chat_completions(self, request: Request) -> Response:
         body = decode_body(await self._read(request), ChatBody, request.headers.get("content-type"))
         self._check_model(body.model)
         prompt = chat_prompt(body, self.limits)
-        sampling = chat_sampling(body, self.limits)
-        generation = await self._generate(prompt, sampling)
-        headers = self.headers(generation.version)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(chat_chunks(generation, sampling, self.settings.model_name, include_usage),
-                                     media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
-        return _json(chat_completion(generation, sampling, self.settings.model_name), headers)
+        return await self._respond("chat", [prompt], request_sampling(body, self.limits), body)
+
+    @app.post("/v1/completions", openapi_extra=_json_body("CompletionBody"),
+              responses=_responses("TextCompletion", "The completion of each prompt (stream: false) or their events "
+                                   "(stream: true).", 400, 401, 404, 413, 500, chunk="TextCompletion"))
+    async def completions(self, request: Request) -> Response:
+        body = decode_body(await self._read(request), CompletionBody, request.headers.get("content-type"))
+        self._check_model(body.model)
+        prompts = completion_prompts(body, self.limits)
+        return await self._respond("text", prompts, request_sampling(body, self.limits), body)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ Bodies are decoded with msgspec whatever the request's content type (``curl -d``
 encoding), so malformed JSON, wrong types and unknown ``/v1/critique`` fields are all reported the
 same way.
 
+The two OpenAI APIs, chat completions and (legacy) completions, share their sampling fields
+(``SamplingFields``), their validation (``request_sampling``) and their response writer
+(``ResponseFormat``: the whole body, or the server-sent events of a stream, in either API's shape);
+``StopHoldback`` keeps a stop string out of streamed text.
+
 Each shape has one definition here, a msgspec Struct: the request bodies decode into them, the
 responses are encoded from them, and ``openapi_components`` publishes their JSON Schema in the
 app's OpenAPI document, with the replica's ``Limits`` written in as ``maxLength``, ``maximum``,
@@ -24,7 +29,7 @@ import copy
 import re
 import time
 import uuid
-from typing import Any, Iterator, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -33,28 +38,36 @@ from scrit.backends.base import Generation, SamplingParams
 from scrit.parsing import parse_critique
 
 __all__ = [
+    "DONE_EVENT",
     "ApiError",
+    "Capabilities",
     "ChatBody",
     "ChatCompletion",
     "ChatCompletionChunk",
+    "CompletionBody",
     "CritiqueBody",
     "CritiqueResult",
     "ErrorResponse",
     "Health",
     "Limits",
     "ModelList",
-    "chat_chunks",
-    "chat_completion",
+    "ResponseFormat",
+    "SamplingFields",
+    "StopHoldback",
+    "TextCompletion",
     "chat_prompt",
-    "chat_sampling",
+    "completion_prompts",
     "critique_input",
     "critique_result",
     "decode_body",
     "encode_error",
     "error_body",
+    "error_event",
+    "finish",
     "model_list",
     "openapi_components",
     "render_steps",
+    "request_sampling",
 ]
 
 T = TypeVar("T")
@@ -74,6 +87,7 @@ SAMPLING_EPS = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 MAX_STOPS, MAX_STOP_CHARS = 8, 200
 TEMPERATURE_MAX = 2.0
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 _ROLES = ("assistant", "developer", "system", "tool", "user")
 
 
@@ -133,12 +147,13 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
 
     max_problem_chars: int = 4000  # each of problem, solution (all steps together) and reference
     max_steps: int = 64
-    max_prompt_chars: int = 16000  # all message contents of one chat request together
-    max_tokens: int = 2048  # the largest max_tokens a chat request may ask for
-    default_max_tokens: int = 512
+    max_prompt_chars: int = 16000  # all message contents of one chat request together; each completions prompt
+    max_prompts: int = 32  # prompts in one /v1/completions request
+    max_tokens: int = 2048  # the largest max_tokens a chat or completions request may ask for
+    default_max_tokens: int = 512  # a chat request's, when it gives none
 
     @classmethod
-    def from_config(cls, serve_cfg: Any, critic_max_new_tokens: int = 512) -> "Limits":
+    def from_config(cls, serve_cfg: Any, critic_max_new_tokens: int = 512) -> Limits:
         """``max_prompt_chars`` is 4x ``max_problem_chars``: a critic prompt holds a problem, a
         reference and a solution plus the instructions."""
         chars = int(serve_cfg.max_problem_chars)
@@ -344,13 +359,11 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 Integer = int | float
 
 
-class ChatBody(msgspec.Struct, kw_only=True):
-    """The OpenAI fields the endpoint uses; other fields (user, logit_bias, ...) are ignored."""
+class SamplingFields(msgspec.Struct, kw_only=True):
+    """The fields chat completions and completions share (``request_sampling`` checks them)."""
 
-    messages: list[ChatMessage]
     model: str | None = None
     max_tokens: Integer | None = None
-    max_completion_tokens: Integer | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
@@ -358,6 +371,30 @@ class ChatBody(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Integer = 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatBody(SamplingFields, kw_only=True):
+    """The OpenAI fields the endpoint uses; other fields (user, logit_bias, ...) are ignored."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: Integer | None = None
+
+
+class CompletionBody(SamplingFields, kw_only=True):
+    """A legacy completions request: ``prompt`` is one text or a list of texts (one choice each, in order).
+
+    ``echo``, ``logprobs``, ``best_of`` and ``suffix`` are refused when they ask for what the endpoint
+    does not do (a harness must not get a silently different answer); other fields are ignored."""
+
+    prompt: str | list[str]
+    echo: bool | None = None
+    logprobs: Integer | None = None
+    best_of: Integer | None = None
+    suffix: str | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -417,6 +454,31 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     usage: Usage | UnsetType = UNSET
 
 
+class TextChoice(msgspec.Struct, kw_only=True):
+    """One prompt's completion (``index``: the prompt's place in the request); in a streamed chunk ``text``
+    is the new piece and ``finish_reason`` is null until the choice's last chunk."""
+
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+    stop_reason: str | None | UnsetType = UNSET
+
+
+class TextCompletion(msgspec.Struct, kw_only=True):
+    """A completion (OpenAI's ``text_completion``) plus the critic version that wrote it. Streamed
+    (``stream: true``), each ``data:`` event is one of these with the new text, the stream ends with
+    ``data: [DONE]``, and with ``stream_options.include_usage`` the last one has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    critic_version: int
+    choices: list[TextChoice]
+    usage: Usage | UnsetType = UNSET
+
+
 def chat_prompt(body: ChatBody, limits: Limits) -> str:
     """The model's prompt: the messages' text in order (one user message: exactly its text).
 
@@ -457,22 +519,48 @@ def chat_prompt(body: ChatBody, limits: Limits) -> str:
     return prompt
 
 
-def chat_sampling(body: ChatBody, limits: Limits) -> SamplingParams:
-    """SamplingParams for a chat request; ApiError(400) for out-of-range values.
+def completion_prompts(body: CompletionBody, limits: Limits) -> list[str]:
+    """The prompts of a completions request (one text, or 1 to ``max_prompts`` of them), each used as it
+    is; ApiError(400) for a blank or too long one and for the options the endpoint does not have."""
+    for name, value, allowed in (("echo", body.echo, (None, False)), ("logprobs", body.logprobs, (None,)),
+                                 ("best_of", _whole("best_of", body.best_of), (None, 1)),
+                                 ("suffix", body.suffix, (None,))):
+        if value not in allowed:
+            raise ApiError(400, f"'{name}' is not supported by this endpoint (got {value!r})", param=name)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or len(prompts) > limits.max_prompts:
+        raise ApiError(400, f"'prompt' must be a string or a list of 1 to {limits.max_prompts} strings "
+                            f"(got {len(prompts)})", param="prompt")
+    for index, prompt in enumerate(prompts):
+        param = "prompt" if isinstance(body.prompt, str) else f"prompt[{index}]"
+        if len(prompt) > limits.max_prompt_chars:
+            raise ApiError(400, f"'{param}' is too long: {len(prompt)} characters (at most {limits.max_prompt_chars})",
+                           param=param)
+        if not prompt.strip():
+            raise ApiError(400, f"'{param}' must not be empty", param=param)
+    return prompts
 
-    ``max_completion_tokens`` wins over ``max_tokens`` (OpenAI's newer name), but both are checked.
+
+def request_sampling(body: ChatBody | CompletionBody, limits: Limits) -> SamplingParams:
+    """SamplingParams for a chat or completions request; ApiError(400) for out-of-range values.
+
+    Without a token limit a chat request gets ``limits.default_max_tokens`` (the critic's length) and a
+    completions request OpenAI's 16. ``max_completion_tokens`` (chat only, OpenAI's newer name) wins over
+    ``max_tokens``, but both are checked.
     """
     if _whole("n", body.n) != 1:
         raise ApiError(400, f"'n' must be 1 (got {body.n})", param="n")
-    counts = {name: _whole(name, getattr(body, name)) for name in ("max_tokens", "max_completion_tokens")}
+    names = ("max_tokens", "max_completion_tokens") if isinstance(body, ChatBody) else ("max_tokens",)
+    counts = {name: _whole(name, getattr(body, name)) for name in names}
     for name, value in counts.items():
         if value is not None and not 1 <= value <= limits.max_tokens:
             raise ApiError(400, f"'{name}' must be between 1 and {limits.max_tokens} (got {value})", param=name)
-    max_tokens = counts["max_completion_tokens"]
+    max_tokens = counts.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = counts["max_tokens"]
     if max_tokens is None:
-        max_tokens = min(limits.default_max_tokens, limits.max_tokens)
+        default = limits.default_max_tokens if isinstance(body, ChatBody) else COMPLETIONS_DEFAULT_MAX_TOKENS
+        max_tokens = min(default, limits.max_tokens)
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
     if not 0.0 <= temperature <= TEMPERATURE_MAX:
         raise ApiError(400, f"'temperature' must be between 0 and {TEMPERATURE_MAX:g} (got {temperature})",
@@ -503,7 +591,7 @@ def _whole(name: str, value: int | float | None) -> int | None:
     return int(value)
 
 
-def _finish(generation: Generation, sampling: SamplingParams) -> tuple[str, Literal["stop", "length"], str | None]:
+def finish(generation: Generation, sampling: SamplingParams) -> tuple[str, Literal["stop", "length"], str | None]:
     """(text without the matched stop string, finish_reason, stop_reason) as vLLM reports them.
 
     OpenAI servers drop the stop string from the text; vLLM names it in ``stop_reason``, which
@@ -518,49 +606,132 @@ def _finish(generation: Generation, sampling: SamplingParams) -> tuple[str, Lite
     return text, "stop", None
 
 
-def _usage(generation: Generation) -> Usage:
-    return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens,
-                 total_tokens=generation.prompt_tokens + generation.completion_tokens)
+class StopHoldback:
+    """What of a streamed generation may be sent so far: never a stop string, nor the start of one.
 
-
-def chat_completion(generation: Generation, sampling: SamplingParams, model: str) -> ChatCompletion:
-    text, finish, stop_reason = _finish(generation, sampling)
-    return ChatCompletion(
-        id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=int(time.time()), model=model,
-        critic_version=generation.version,
-        choices=[ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text), finish_reason=finish,
-                            stop_reason=stop_reason)],
-        usage=_usage(generation),
-    )
-
-
-def chat_chunks(generation: Generation, sampling: SamplingParams, model: str, include_usage: bool = False,
-                piece_chars: int = 16) -> Iterator[bytes]:
-    """Server-sent events of a streamed chat completion, ending with ``data: [DONE]``.
-
-    The text is generated by one batched forward pass and then sent in pieces of ``piece_chars``
-    characters: the wire format is OpenAI's streaming format, the generation itself is not incremental.
+    The engine reports text with the stop string kept (scrit's convention) and ends the request when
+    one is complete, so while it runs the text holds no whole stop string; ``feed`` holds back the
+    longest tail that could still become one, and ``finish`` sends the rest of the final text, which
+    ``finish()`` has cut at its stop string, so the pieces add up to the non-streamed text exactly.
     """
-    text, finish, stop_reason = _finish(generation, sampling)
-    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def event(choices: list[ChunkChoice], usage: Usage | UnsetType = UNSET) -> bytes:
-        chunk = ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created, model=model,
-                                    critic_version=generation.version, choices=choices, usage=usage)
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.text = ""
+        self.sent = 0  # characters of ``text`` sent
+        # Every proper prefix of a stop string, by its last character, longest first: only those ending in
+        # the text's last character can be its tail (one dict lookup per piece).
+        self._prefixes: dict[str, list[str]] = {}
+        for marker in stop:
+            for k in range(1, len(marker)):
+                self._prefixes.setdefault(marker[k - 1], []).append(marker[:k])
+        for prefixes in self._prefixes.values():
+            prefixes.sort(key=len, reverse=True)
+
+    def feed(self, delta: str) -> str:
+        """The text now safe to send after ``delta`` arrived (possibly empty)."""
+        self.text += delta
+        candidates = self._prefixes.get(self.text[-1:], ())
+        held = next((len(prefix) for prefix in candidates if self.text.endswith(prefix)), 0)
+        safe = len(self.text) - held
+        piece = self.text[self.sent:safe]
+        self.sent = max(self.sent, safe)
+        return piece
+
+    def finish(self, final_text: str) -> str:
+        """The rest of ``final_text`` (the whole answer, stop string cut) after what was sent."""
+        piece = final_text[self.sent:]
+        self.sent = len(final_text)
+        return piece
+
+
+def _usage(generations: list[Generation]) -> Usage:
+    prompt = sum(g.prompt_tokens for g in generations)
+    completion = sum(g.completion_tokens for g in generations)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class ResponseFormat:
+    """One response's bodies in one of the two OpenAI APIs: ``chat`` (``chat.completion`` and its
+    ``chat.completion.chunk`` events) or ``text`` (``text_completion``, also its events). The id, creation
+    time and critic version are fixed per response; choice ``index`` is the prompt's place (0 for chat)."""
+
+    def __init__(self, api: Literal["chat", "text"], model: str, version: int) -> None:
+        self.api = api
+        self.model = model
+        self.version = version
+        self.id = f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def completion(self, generations: list[Generation], sampling: SamplingParams) -> ChatCompletion | TextCompletion:
+        """The whole (non-streamed) response."""
+        finished = [finish(generation, sampling) for generation in generations]
+        if self.api == "chat":
+            choices: list[Any] = [ChatChoice(index=i, message=AssistantMessage(role="assistant", content=text),
+                                             finish_reason=reason, stop_reason=stop)
+                                  for i, (text, reason, stop) in enumerate(finished)]
+            return ChatCompletion(id=self.id, object="chat.completion", created=self.created, model=self.model,
+                                  critic_version=self.version, choices=choices, usage=_usage(generations))
+        choices = [TextChoice(index=i, text=text, finish_reason=reason, stop_reason=stop)
+                   for i, (text, reason, stop) in enumerate(finished)]
+        return TextCompletion(id=self.id, object="text_completion", created=self.created, model=self.model,
+                              critic_version=self.version, choices=choices, usage=_usage(generations))
+
+    def opening(self, count: int) -> bytes:
+        """The events before any text: chat announces the assistant role per choice, text sends none."""
+        if self.api == "text":
+            return b""
+        return b"".join(self._event([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""),
+                                                 finish_reason=None)]) for i in range(count))
+
+    def piece(self, index: int, text: str) -> bytes:
+        """An event with the next piece of choice ``index``'s text."""
+        if self.api == "chat":
+            return self._event([ChunkChoice(index=index, delta=ChunkDelta(content=text), finish_reason=None)])
+        return self._event([TextChoice(index=index, text=text, finish_reason=None)])
+
+    def end(self, index: int, reason: Literal["stop", "length"], stop: str | None) -> bytes:
+        """The event that ends choice ``index``: its finish_reason (and the stop string that ended it)."""
+        if self.api == "chat":
+            return self._event([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=reason, stop_reason=stop)])
+        return self._event([TextChoice(index=index, text="", finish_reason=reason, stop_reason=stop)])
+
+    def usage(self, generations: list[Generation]) -> bytes:
+        """The last event with ``stream_options.include_usage``: no choices, the usage of all of them."""
+        return self._event([], _usage(generations))
+
+    def _event(self, choices: list[Any], usage: Usage | UnsetType = UNSET) -> bytes:
+        chunk: ChatCompletionChunk | TextCompletion
+        if self.api == "chat":
+            chunk = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
+                                        model=self.model, critic_version=self.version, choices=choices, usage=usage)
+        else:
+            chunk = TextCompletion(id=self.id, object="text_completion", created=self.created, model=self.model,
+                                   critic_version=self.version, choices=choices, usage=usage)
         return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
 
-    yield event([ChunkChoice(index=0, delta=ChunkDelta(role="assistant", content=""), finish_reason=None)])
-    for start in range(0, len(text), piece_chars):
-        yield event([ChunkChoice(index=0, delta=ChunkDelta(content=text[start:start + piece_chars]),
-                                 finish_reason=None)])
-    yield event([ChunkChoice(index=0, delta=ChunkDelta(), finish_reason=finish, stop_reason=stop_reason)])
-    if include_usage:
-        yield event([], _usage(generation))
-    yield b"data: [DONE]\n\n"
+
+def error_event(status: int, message: str, kind: str = "server_error") -> bytes:
+    """A failure after a stream began (its status line is sent): the error body as one event, as vLLM
+    sends it (the ``openai`` client raises it as an ``APIError``)."""
+    return b"data: " + encode_error(status, message, kind) + b"\n\n"
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 # -------------------------------------------------------------------------------------------------
 # GET /v1/models, GET /healthz
+
+
+class Capabilities(msgspec.Struct, kw_only=True):
+    """How this replica's engine serves: with ``token_streaming`` a streamed response sends text as the
+    engine makes it (vLLM), without it the text is made first and then sent in pieces (HF); with
+    ``continuous_batching`` requests enter the engine as they arrive and finish independently, without
+    it they are grouped into batches (``serve.max_batch_size``) that run to their end together."""
+
+    backend: str
+    token_streaming: bool
+    continuous_batching: bool
 
 
 class ModelCard(msgspec.Struct, kw_only=True):
@@ -569,6 +740,7 @@ class ModelCard(msgspec.Struct, kw_only=True):
     created: int
     owned_by: str
     critic_version: int
+    capabilities: Capabilities
 
 
 class ModelList(msgspec.Struct, kw_only=True):
@@ -578,9 +750,9 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
-def model_list(model: str, created: float, version: int) -> ModelList:
+def model_list(model: str, created: float, version: int, capabilities: Capabilities) -> ModelList:
     return ModelList(object="list", data=[ModelCard(id=model, object="model", created=int(created), owned_by="scrit",
-                                                     critic_version=version)])
+                                                     critic_version=version, capabilities=capabilities)])
 
 
 class Health(msgspec.Struct, kw_only=True):
@@ -595,8 +767,8 @@ class Health(msgspec.Struct, kw_only=True):
 # -------------------------------------------------------------------------------------------------
 # The published JSON Schema (OpenAPI components)
 
-PUBLISHED: tuple[type, ...] = (CritiqueBody, CritiqueResult, ChatBody, ChatCompletion, ChatCompletionChunk, ModelList,
-                               Health, ErrorResponse)
+PUBLISHED: tuple[type, ...] = (CritiqueBody, CritiqueResult, ChatBody, ChatCompletion, ChatCompletionChunk,
+                               CompletionBody, TextCompletion, ModelList, Health, ErrorResponse)
 SCHEMA_REF = "#/components/schemas/{name}"
 
 
@@ -652,6 +824,23 @@ def openapi_components(limits: Limits, model_name: str) -> dict[str, Any]:
     message["properties"]["role"] = {"type": "string", "enum": list(_ROLES)}
     _branch(message["properties"]["content"], "string")["maxLength"] = prompt
 
+    for name in ("ChatBody", "CompletionBody"):  # the sampling fields both share (request_sampling)
+        props = components[name]["properties"]
+        _branch(props["model"], "string")["enum"] = [model_name]
+        integers = [("max_tokens", 1, limits.max_tokens), ("seed", *SEED_RANGE), ("n", 1, 1)]
+        if name == "ChatBody":
+            integers.append(("max_completion_tokens", 1, limits.max_tokens))
+        else:
+            integers.append(("best_of", 1, 1))
+        for field_name, low, high in integers:
+            _integer(props, field_name, low, high)
+        _branch(props["temperature"], "number").update(minimum=0, maximum=TEMPERATURE_MAX)
+        props["temperature"]["description"] = f"Below {SAMPLING_EPS:g}: greedy decoding. Default 1."
+        _branch(props["top_p"], "number").update(exclusiveMinimum=0, maximum=1)
+        _branch(props["stop"], "string").update(minLength=1, maxLength=MAX_STOP_CHARS)
+        _branch(props["stop"], "array").update(maxItems=MAX_STOPS, items={"type": "string", "minLength": 1,
+                                                                          "maxLength": MAX_STOP_CHARS})
+
     chat = components["ChatBody"]
     props = chat["properties"]
     has_text = {"required": ["content"], "properties": {"content": {"anyOf": [
@@ -660,21 +849,30 @@ def openapi_components(limits: Limits, model_name: str) -> dict[str, Any]:
     ]}}}
     props["messages"].update(minItems=1, contains=has_text, description=(
         f"The conversation; some message must hold text, and all contents together are at most {prompt} characters."))
-    _branch(props["model"], "string")["enum"] = [model_name]
-    for name, low, high in (("max_tokens", 1, limits.max_tokens), ("max_completion_tokens", 1, limits.max_tokens),
-                            ("seed", *SEED_RANGE), ("n", 1, 1)):
-        integer = {"type": "integer", "minimum": low, "maximum": high}  # not Integer's "number" branch
-        nullable = any(option.get("type") == "null" for option in props[name]["anyOf"])
-        props[name] = {key: value for key, value in props[name].items() if key != "anyOf"}
-        props[name].update({"anyOf": [integer, {"type": "null"}]} if nullable else integer)
     props["max_completion_tokens"]["description"] = "Wins over max_tokens when both are given."
-    _branch(props["temperature"], "number").update(minimum=0, maximum=TEMPERATURE_MAX)
-    props["temperature"]["description"] = f"Below {SAMPLING_EPS:g}: greedy decoding. Default 1."
-    _branch(props["top_p"], "number").update(exclusiveMinimum=0, maximum=1)
-    _branch(props["stop"], "string").update(minLength=1, maxLength=MAX_STOP_CHARS)
-    _branch(props["stop"], "array").update(maxItems=MAX_STOPS, items={"type": "string", "minLength": 1,
-                                                                      "maxLength": MAX_STOP_CHARS})
+    props["max_tokens"]["description"] = f"Default {limits.default_max_tokens} (the critic's length)."
     chat["x-scrit-limits"] = {"messages_total_chars": prompt}
+
+    props = components["CompletionBody"]["properties"]
+    text = {"type": "string", **_text(prompt)}
+    props["prompt"] = {"anyOf": [text, {"type": "array", "minItems": 1, "maxItems": limits.max_prompts, "items": text}],
+                       "description": f"One prompt, or a list of 1 to {limits.max_prompts} (one choice each, in "
+                                     f"order); each not blank and at most {prompt} characters, used as it is."}
+    props["max_tokens"]["description"] = f"Default {COMPLETIONS_DEFAULT_MAX_TOKENS} (OpenAI's)."
+    props["echo"] = {"anyOf": [{"type": "boolean", "enum": [False]}, {"type": "null"}],
+                     "description": "Not supported: only false or null."}
+    for name in ("logprobs", "suffix"):
+        props[name] = {"type": "null", "description": "Not supported: only null."}
+    props["best_of"]["description"] = "Only 1 (or null)."
 
     components["ErrorDetail"]["properties"]["message"]["minLength"] = 1
     return components
+
+
+def _integer(props: dict[str, Any], name: str, low: int, high: int) -> None:
+    """An integer field's schema: ``low..high`` (or null where the field may be null); not ``Integer``'s
+    "number" branch (integral floats are accepted, but a schema need not offer them)."""
+    integer = {"type": "integer", "minimum": low, "maximum": high}
+    nullable = any(option.get("type") == "null" for option in props[name].get("anyOf", []))
+    props[name] = {key: value for key, value in props[name].items() if key != "anyOf"}
+    props[name].update({"anyOf": [integer, {"type": "null"}]} if nullable else integer)

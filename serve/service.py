@@ -1,14 +1,25 @@
 """The model side of a Serve replica: the critic it serves now, and zero-downtime hot swap (DESIGN.md §8-9).
 
-A replica owns one inference backend. A background thread follows the run's
-``versions/registry.jsonl`` with ``scrit.checkpoints.VersionFollower`` (the same subscriber the role
-actors use) every ``poll_s`` seconds and calls the backend's ``load_weights``, whose swap is atomic
-between batches: the HF backend loads the new weights beside the old ones, warms them up and switches
-one reference; vLLM reloads in place once the batch in flight is done. ``generate_batch`` pins the
-backend for the whole batch (a swap waits for it), and every generation carries its version, so
+A replica owns one inference backend, used in one of two ways:
 
-* every request of a batch runs on one version, the one the batch started with;
-* no request fails because of a swap: a batch either ran before it or runs after it.
+* **continuously** (``continuous``: vLLM, whose backend takes requests one by one): ``submit`` hands a
+  request's prompts to the running engine at once and returns its ``Generations``, whose text streams
+  as the engine makes it; the engine batches whatever is running at each step, and a request finishes
+  when it is done, not when its batch is;
+* **in batches** (HF, or a remote server): the Serve deployment groups requests with ``@serve.batch``
+  and ``generate_batch`` runs each group; ``Generations.finished`` then hands the finished text out in
+  pieces, so both paths look alike to the routes.
+
+A background thread follows the run's ``versions/registry.jsonl`` with
+``scrit.checkpoints.VersionFollower`` (the same subscriber the role actors use) every ``poll_s`` seconds
+and calls the backend's ``load_weights``, whose swap is atomic between requests: the HF backend loads
+the new weights beside the old ones, warms them up and switches one reference; vLLM reloads in place
+once the requests in flight are done, holding new ones back meanwhile. A request (all its prompts)
+takes its version when it enters the engine (``generate_batch``: when the batch starts), and every
+generation carries it, so
+
+* a request runs on one version from start to end, the one it started with;
+* no request fails because of a swap: it either ran before it or runs after it.
 
 A version whose checkpoint fails its checksum or does not load is logged, counted and never tried
 again; the replica keeps serving what it has, and when several new versions wait it takes the
@@ -24,8 +35,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import msgspec
 
@@ -34,7 +46,7 @@ from scrit.checkpoints import VersionFollower
 from scrit.factory import RoleSpec
 from scrit.serve.schema import Limits
 
-__all__ = ["ActiveModel", "CriticService", "ServeSettings"]
+__all__ = ["ActiveModel", "CriticService", "Delta", "Generations", "ServeSettings"]
 
 log = logging.getLogger("ray.serve")
 
@@ -81,8 +93,87 @@ class ActiveModel:
     since: float  # wall-clock time this replica started serving it
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A new piece of one generation's text (stop strings included); ``final`` is set on its last piece."""
+
+    index: int  # the prompt's place in its request
+    text: str
+    final: Generation | None = None
+
+
+class Generations:
+    """One request's generations (one per prompt), as they are made, all on version ``version``.
+
+    An async iterator of ``Delta``: every piece of text as it arrives; ``results()`` waits for all of
+    them. A failed generation raises its error from either. Leaving early (the client went away and the
+    task was cancelled, an error) must end in ``close()``, which aborts what is unfinished and so frees
+    its engine slots; ``results()`` and a cancelled wait do that themselves. Pieces arrive from the
+    engine thread through ``put_threadsafe``.
+    """
+
+    def __init__(self, count: int, version: int = 0) -> None:
+        self.count = count
+        self.version = version
+        self.abort: Callable[[], None] | None = None  # stops what is unfinished (set once submitted)
+        self._queue: asyncio.Queue[tuple[int, str, Generation | BaseException | None]] = asyncio.Queue()
+        self._open = count  # generations not finished yet
+
+    @classmethod
+    def finished(cls, generations: Sequence[Generation], piece_chars: int = 16) -> Generations:
+        """Generations already made (a batch backend), handed out in pieces of ``piece_chars`` characters."""
+        out = cls(len(generations), generations[0].version if generations else 0)
+        for index, generation in enumerate(generations):
+            for start in range(0, len(generation.text), piece_chars):
+                out._queue.put_nowait((index, generation.text[start:start + piece_chars], None))
+            out._queue.put_nowait((index, "", generation))
+        return out
+
+    def put_threadsafe(self, loop: asyncio.AbstractEventLoop, index: int, text: str,
+                       final: Generation | BaseException | None) -> None:
+        """From any thread: a piece of generation ``index``; ``final`` (its Generation, or the error it
+        failed with) on its last. Never raises (the engine thread calls it): a closed loop drops it."""
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._queue.put_nowait, (index, text, final))
+
+    def __aiter__(self) -> Generations:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if not self._open:
+            raise StopAsyncIteration
+        try:
+            index, text, final = await self._queue.get()
+        except BaseException:  # cancelled while waiting: nobody will read the rest
+            self.close()
+            raise
+        if isinstance(final, BaseException):
+            self.close()
+            raise final
+        if final is not None:
+            self._open -= 1
+        return Delta(index, text, final)
+
+    async def results(self) -> list[Generation]:
+        """Every generation, in prompt order, once all are done."""
+        out: list[Generation | None] = [None] * self.count
+        try:
+            async for delta in self:
+                if delta.final is not None:
+                    out[delta.index] = delta.final
+        finally:
+            self.close()
+        return [generation for generation in out if generation is not None]
+
+    def close(self) -> None:
+        """Abort the generations still running (idempotent; nothing to do once all have finished)."""
+        if self._open and self.abort is not None:
+            self.abort()
+        self.abort = None
+
+
 class CriticService:
-    """One replica's critic: its backend, the registry follower and batched generation."""
+    """One replica's critic: its backend, the registry follower and generation (continuous or batched)."""
 
     def __init__(self, settings: ServeSettings, *, start_following: bool = True) -> None:
         from scrit.factory import open_engine
@@ -90,6 +181,7 @@ class CriticService:
         self.settings = settings
         self.requests = 0
         self.batches = 0
+        self.aborted = 0  # requests aborted before they finished (their client went away)
         self._stop = threading.Event()
         # The newest published version that verifies and loads (else the start model), through the same
         # VersionFollower that then keeps this replica current (scrit.factory.open_engine).
@@ -145,39 +237,98 @@ class CriticService:
             return self.follower.since[version]
         return self._started if version == self.settings.start_version else None
 
-    async def generate_batch(self, items: Sequence[tuple[str, SamplingParams]]) -> list[Generation | Exception]:
-        """One Generation per (prompt, sampling), all on one version: the one the batch started with.
+    @property
+    def continuous(self) -> bool:
+        """Whether requests go to the engine one by one as they arrive, their text streaming as it is
+        made (``submit``; vLLM), rather than in batches (``generate_batch``)."""
+        return callable(getattr(self.backend, "submit_many", None))
 
-        Items with equal sampling share one ``backend.generate`` call (one padded forward pass per
+    async def submit(self, prompts: Sequence[str], sampling: SamplingParams) -> Generations:
+        """Start generating ``prompts`` now, on the version the engine has (continuous backends only).
+
+        Admission waits only while a weight swap is in progress (in a worker thread: the event loop
+        goes on); a caller cancelled meanwhile still has its requests aborted once they are in.
+        """
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        generations = Generations(len(prompts))
+
+        def on_delta(handle: Any, text: str, done: bool) -> None:  # engine thread
+            final: Generation | BaseException | None = None
+            if done:
+                final = handle.error if handle.error is not None else handle.result(0)
+                if isinstance(final, Generation):
+                    self._record([final], time.perf_counter() - started)
+            generations.put_threadsafe(loop, handle.index, text, final)
+
+        def abort_once_admitted(admission: asyncio.Future) -> None:
+            if not admission.cancelled() and admission.exception() is None:
+                self.aborted += 1
+                self.backend.abort([handle.request_id for handle in admission.result()])
+
+        admitted = loop.run_in_executor(None, self.backend.submit_many, list(prompts), sampling, on_delta)
+        try:
+            handles = await asyncio.shield(admitted)
+        except asyncio.CancelledError:
+            admitted.add_done_callback(abort_once_admitted)
+            raise
+        self.requests += 1
+
+        def abort() -> None:
+            self.aborted += 1
+            self.backend.abort([handle.request_id for handle in handles if not handle.done])
+
+        generations.version = handles[0].version
+        generations.abort = abort
+        return generations
+
+    def _record(self, generations: list[Generation], seconds: float) -> None:
+        """Telemetry of generations made in ``seconds`` (a batch, or one request on a continuous engine,
+        whose seconds overlap with other requests')."""
+        metrics = telemetry(self.settings)
+        if metrics is not None:
+            metrics.record_generation(ROLE, generations, seconds)
+
+    def unfinished_requests(self) -> int | None:
+        """Requests the engine holds now (continuous backends; None for the others)."""
+        count = getattr(self.backend, "unfinished_requests", None)
+        return count() if callable(count) else None
+
+    async def generate_batch(self, requests: Sequence[tuple[Sequence[str], SamplingParams]]
+                             ) -> list[list[Generation] | Exception]:
+        """The generations of each request (its prompts, its sampling), all on one version: the one the
+        batch started with.
+
+        Prompts with equal sampling share one ``backend.generate`` call (one padded forward pass per
         step); the calls of a batch run with the backend pinned (``pinned()``: a swap waits for the
-        batch). A failing group returns its exception in its items' places; the others still succeed.
+        batch). A failing group returns its exception in its requests' places; the others still succeed.
         """
         self.batches += 1
-        self.requests += len(items)
-        groups: dict[SamplingParams, list[int]] = {}
-        for index, (_, sampling) in enumerate(items):
-            groups.setdefault(sampling, []).append(index)
-        return await asyncio.to_thread(self._generate_groups, items, groups)
+        self.requests += len(requests)
+        return await asyncio.to_thread(self._generate_groups, requests)
 
-    def _generate_groups(self, items: Sequence[tuple[str, SamplingParams]],
-                         groups: dict[SamplingParams, list[int]]) -> list[Generation | Exception]:
-        results: list[Generation | Exception] = [RuntimeError("not generated")] * len(items)
+    def _generate_groups(self, requests: Sequence[tuple[Sequence[str], SamplingParams]]
+                         ) -> list[list[Generation] | Exception]:
+        groups: dict[SamplingParams, list[tuple[int, str]]] = {}  # sampling -> (request, prompt)
+        for index, (prompts, sampling) in enumerate(requests):
+            groups.setdefault(sampling, []).extend((index, prompt) for prompt in prompts)
+        results: list[list[Generation] | Exception] = [[] for _ in requests]
         pinned = getattr(self.backend, "pinned", contextlib.nullcontext)
         with pinned():
-            for sampling, indices in groups.items():
-                prompts = [items[i][0] for i in indices]
+            for sampling, members in groups.items():
                 started = time.perf_counter()
                 try:
-                    generations: list[Any] = self.backend.generate(prompts, sampling)
+                    generations: list[Any] = self.backend.generate([prompt for _, prompt in members], sampling)
                 except Exception as error:  # noqa: BLE001 - reported per request by the caller
-                    log.exception("generation failed for %d prompts", len(prompts))
-                    generations = [error] * len(prompts)
-                else:
-                    metrics = telemetry(self.settings)
-                    if metrics is not None:
-                        metrics.record_generation(ROLE, generations, time.perf_counter() - started)
-                for i, generation in zip(indices, generations):
-                    results[i] = generation
+                    log.exception("generation failed for %d prompts", len(members))
+                    for index, _ in members:
+                        results[index] = error
+                    continue
+                self._record(generations, time.perf_counter() - started)
+                for (index, _), generation in zip(members, generations):
+                    result = results[index]
+                    if isinstance(result, list):
+                        result.append(generation)
         return results
 
     def health(self) -> dict[str, Any]:
@@ -194,5 +345,8 @@ class CriticService:
             "recent_swaps": history,
             "requests": self.requests,
             "batches": self.batches,
+            "aborted": self.aborted,
+            "continuous_batching": self.continuous,
+            "unfinished_requests": self.unfinished_requests(),
             "pid": os.getpid(),
         }

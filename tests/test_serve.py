@@ -29,12 +29,16 @@ from scrit.backends.base import Generation, SamplingParams  # noqa: E402
 from scrit.serve.schema import (  # noqa: E402
     ApiError,
     ChatBody,
+    CompletionBody,
     CritiqueBody,
     Limits,
-    chat_sampling,
+    StopHoldback,
+    completion_prompts,
     critique_input,
     decode_body,
+    finish,
     render_steps,
+    request_sampling,
 )
 from scrit.serve.testing import publish, save_perturbed  # noqa: E402
 
@@ -89,17 +93,78 @@ def test_steps_render_like_the_eval_harness() -> None:
     assert render_steps(["Add them.", "So 7."]) == "Step 1: Add them.\nStep 2: So 7."
 
 
-def test_chat_sampling_limits() -> None:
-    body = lambda **kw: decode_body(json.dumps({"messages": [{"role": "user", "content": "x"}], **kw}).encode(),  # noqa: E731
-                                    ChatBody)
-    assert chat_sampling(body(), Limits()).temperature == 1.0
-    sampling = chat_sampling(body(max_tokens=7, temperature=0, stop="\n\n", seed=3), Limits())
-    assert (sampling.max_new_tokens, sampling.temperature, sampling.stop, sampling.seed) == (7, 0.0, ("\n\n",), 3)
-    for bad, param in [({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**6}, "max_tokens"),
-                       ({"temperature": 3}, "temperature"), ({"stop": [""]}, "stop")]:
+def test_sampling_limits_of_chat_and_completions() -> None:
+    chat = lambda **kw: decode_body(  # noqa: E731
+        json.dumps({"messages": [{"role": "user", "content": "x"}], **kw}).encode(), ChatBody)
+    text = lambda **kw: decode_body(json.dumps({"prompt": "x", **kw}).encode(), CompletionBody)  # noqa: E731
+    assert request_sampling(chat(), Limits()).temperature == 1.0
+    assert request_sampling(chat(), Limits()).max_new_tokens == Limits().default_max_tokens
+    assert request_sampling(text(), Limits()).max_new_tokens == 16  # OpenAI's default for completions
+    for body in (chat, text):
+        sampling = request_sampling(body(max_tokens=7, temperature=0, stop="\n\n", seed=3), Limits())
+        assert (sampling.max_new_tokens, sampling.temperature, sampling.stop, sampling.seed) == (7, 0.0, ("\n\n",), 3)
+        for bad, param in [({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**6}, "max_tokens"),
+                           ({"temperature": 3}, "temperature"), ({"stop": [""]}, "stop")]:
+            with pytest.raises(ApiError) as caught:
+                request_sampling(body(**bad), Limits())
+            assert caught.value.param == param and caught.value.status == 400
+
+
+def test_completion_prompts_and_the_options_it_refuses() -> None:
+    body = lambda **kw: decode_body(json.dumps(kw).encode(), CompletionBody)  # noqa: E731
+    assert completion_prompts(body(prompt="a"), Limits()) == ["a"]
+    assert completion_prompts(body(prompt=["a", "b"], echo=False, best_of=1), Limits()) == ["a", "b"]
+    for bad, param in [({"prompt": []}, "prompt"), ({"prompt": ["a"] * 3}, "prompt"), ({"prompt": " "}, "prompt"),
+                       ({"prompt": ["a", "\n"]}, "prompt[1]"), ({"prompt": "x" * 11}, "prompt"),
+                       ({"prompt": "a", "echo": True}, "echo"), ({"prompt": "a", "logprobs": 1}, "logprobs"),
+                       ({"prompt": "a", "best_of": 2}, "best_of"), ({"prompt": "a", "suffix": "z"}, "suffix")]:
         with pytest.raises(ApiError) as caught:
-            chat_sampling(body(**bad), Limits())
-        assert caught.value.param == param and caught.value.status == 400
+            completion_prompts(body(**bad), Limits(max_prompts=2, max_prompt_chars=10))
+        assert caught.value.param == param and caught.value.status == 400, bad
+    with pytest.raises(ApiError, match=r"Expected `str`, got `int` - at `\$.prompt\[0\]`"):
+        decode_body(b'{"prompt": [1, 2]}', CompletionBody)  # token ids are not supported
+
+
+def _engine_pieces(text: str, stops: tuple[str, ...], rng) -> tuple[list[str], str]:
+    """``text`` in random pieces as the engine streams it: it ends (stop string kept) once a stop string
+    is complete in the text, as vLLM does with ``include_stop_str_in_output``."""
+    pieces, made = [], ""
+    while made != text:
+        piece = text[len(made):len(made) + rng.randint(1, 3)]
+        made += piece
+        pieces.append(piece)
+        ends = [made.find(stop) + len(stop) for stop in stops if stop in made]
+        if ends:
+            cut = min(ends)
+            pieces[-1] = piece[:len(piece) - (len(made) - cut)]
+            made = made[:cut]
+            break
+    return pieces, made
+
+
+def test_stop_holdback_sends_exactly_the_non_streamed_text_and_never_a_stop_string() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        alphabet = "ab\n:"
+        stops = tuple(sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+                              for _ in range(rng.randint(0, 3))}))
+        pieces, made = _engine_pieces("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))), stops, rng)
+        sampling = SamplingParams(max_new_tokens=10**6, stop=stops)
+        expected, _, _ = finish(Generation(text=made, prompt_tokens=1, completion_tokens=len(made), version=0),
+                                sampling)
+        holdback, sent = StopHoldback(stops), ""
+        for piece in pieces[:-1]:
+            sent += holdback.feed(piece)
+            assert not any(stop in sent for stop in stops), (stops, pieces, sent)
+            assert expected.startswith(sent), (stops, pieces, sent, expected)
+        sent += holdback.finish(expected)
+        assert sent == expected, (stops, pieces)
+    # What could still become a stop string is held back, and only that.
+    holdback = StopHoldback(("\nProblem:",))
+    assert holdback.feed("Step 1\nPro") == "Step 1"
+    assert holdback.feed("of") == "\nProof"
 
 
 def _hf_settings(run_dir: Path):
@@ -128,15 +193,15 @@ def test_service_swaps_between_batches_and_skips_broken_checkpoints(tmp_path: Pa
         publish(registry, 1, checkpoints[0])
 
         async def scenario() -> tuple[list, bool, list]:
-            in_flight = asyncio.create_task(service.generate_batch([(prompt, long), (prompt, short)]))
+            in_flight = asyncio.create_task(service.generate_batch([([prompt], long), ([prompt, prompt], short)]))
             await asyncio.sleep(0.05)  # the batch has taken its model
             swapped = await asyncio.to_thread(service.poll_once)
-            return await in_flight, swapped, await service.generate_batch([(prompt, short)])
+            return await in_flight, swapped, await service.generate_batch([([prompt], short)])
 
         first, swapped, after = asyncio.run(scenario())
         assert swapped
-        assert [g.version for g in first] == [0, 0] and after[0].version == 1
-        assert all(isinstance(g, Generation) for g in first + after)
+        assert [[g.version for g in request] for request in first] == [[0], [0, 0]] and after[0][0].version == 1
+        assert all(isinstance(g, Generation) for request in first + after for g in request)
 
         publish(registry, 2, checkpoints[1], checksum="sha256:" + "0" * 64)  # broken
         assert not service.poll_once()
@@ -167,7 +232,10 @@ def test_service_starts_on_the_newest_version_that_loads(tmp_path: Path, checkpo
 @pytest.mark.slow
 def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local",
+           # this checkout's code (cwd is tmp_path), not what the interpreter has installed
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH")) if p)}
     process = subprocess.Popen(
         [sys.executable, "-m", "scrit.cli", "serve", "--model", "seed", "--set", "critic.backend=hf", "--port", str(port), "--api-key", "cli-key",
          "--set", "resources.serve_replica_num_cpus=0.25"],
@@ -314,14 +382,50 @@ def test_chat_completions_plain_and_streaming_agree(endpoint: Endpoint) -> None:
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         assert stream.headers["x-critic-version"] == plain.headers["x-critic-version"]
-        events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+        chunks = _events(stream)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert streamed == text
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == body["choices"][0]["finish_reason"]
     assert chunks[-1]["usage"] == body["usage"]
+
+
+def _events(stream: httpx.Response) -> list[dict]:
+    events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def test_completions_agree_with_chat_and_hf_streams_after_the_fact(endpoint: Endpoint) -> None:
+    """/v1/completions gives the chat route's text for the same prompt (one choice per prompt of a list); on
+    HF, /v1/models says so, the text is made first and then streamed in pieces."""
+    card = endpoint.client.get("/v1/models").json()["data"][0]
+    assert card["capabilities"] == {"backend": "hf", "token_streaming": False, "continuous_batching": False}
+    prompts = [f"Solve the problem step by step.\nProblem: {PROBLEM}\nSolution:\n", "Start with 3. Add 4."]
+    options = {"model": "scrit-critic", "temperature": 0, "max_tokens": 30}
+    chat = endpoint.client.post("/v1/chat/completions", json={**options, "messages": [
+        {"role": "user", "content": prompts[0]}]}).json()
+    one = endpoint.client.post("/v1/completions", json={**options, "prompt": prompts[0]})
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"] == chat["choices"][0]["message"]["content"]
+    assert body["usage"] == chat["usage"] and one.headers["x-critic-version"] == str(body["critic_version"])
+
+    both = endpoint.client.post("/v1/completions", json={**options, "prompt": prompts}).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert both["choices"][0]["text"] == body["choices"][0]["text"]
+    with endpoint.client.stream("POST", "/v1/completions", json={**options, "prompt": prompts, "stream": True,
+                                                                  "stream_options": {"include_usage": True}}) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        chunks = _events(stream)
+    assert all(c["object"] == "text_completion" for c in chunks)
+    texts = ["", ""]
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in both["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == both["usage"]
 
 
 def test_openai_http_backend_and_scrit_eval_talk_to_it(endpoint: Endpoint, local_seed, monkeypatch) -> None:

