@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swap import percentile  # benchmarks/swap.py's, so both report latency percentiles the same way
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -160,16 +162,6 @@ async def run_level(url: str, level: Level, seconds: float, prompts: list[str], 
         await asyncio.sleep(max(0.0, level.window[1] - time.perf_counter()))
         stop_sending.set()
         await asyncio.gather(*tasks)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def summarize(level: Level) -> dict[str, Any]:
