@@ -18,11 +18,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scrit.backends.base import Generation, SamplingParams
 from scrit.factory import EngineHostSpec
 from scrit.messages import GenerationBatch, GenerationRequest, decode, encode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from scrit.checkpoints import WeightSource
 
 __all__ = ["EngineHost", "EnginePool", "EngineUnavailable", "find_actors", "start_engine_hosts"]
 
@@ -42,7 +45,7 @@ class EngineUnavailable(RuntimeError):
 class EngineHost:
     """The Ray shell of one engine host (see the module docstring)."""
 
-    def __init__(self, spec: EngineHostSpec, run_dir: str | None) -> None:
+    def __init__(self, spec: EngineHostSpec, run_dir: str | None, weights: WeightSource | None = None) -> None:
         import torch
 
         from scrit.factory import open_engine
@@ -52,7 +55,7 @@ class EngineHost:
         if run_dir:
             record_process(run_dir, spec.name)  # a restarted host shows up again: restarts are counted
         self.name = spec.name
-        self.engines = {engine.name: open_engine(engine, run_dir) for engine in spec.engines}
+        self.engines = {engine.name: open_engine(engine, run_dir, weights=weights) for engine in spec.engines}
 
     def generate(self, request: bytes) -> bytes:
         """GenerationRequest -> GenerationBatch, as msgpack."""
@@ -79,9 +82,11 @@ class EngineHost:
 
 
 def start_engine_hosts(hosts: Sequence[EngineHostSpec], run_dir: str | None,
-                       actor_options: dict[str, Any] | None = None, prefix: str = "") -> dict[str, Any]:
+                       actor_options: dict[str, Any] | None = None, prefix: str = "",
+                       weights: WeightSource | None = None) -> dict[str, Any]:
     """One actor per host spec, named ``prefix + spec.name`` in Ray (the prefix keeps two runs in one Ray
-    namespace apart); not yet waited for. Returns the handles by host name."""
+    namespace apart); not yet waited for. Engines that follow the run take versions from ``weights``
+    (Ray's object store) when it has them. Returns the handles by host name."""
     import ray
 
     remote = ray.remote(EngineHost)
@@ -89,7 +94,7 @@ def start_engine_hosts(hosts: Sequence[EngineHostSpec], run_dir: str | None,
     for host in hosts:
         options = {"num_cpus": host.num_cpus, "num_gpus": host.num_gpus, "max_concurrency": host.max_concurrency,
                    **(actor_options or {}), "name": prefix + host.name}
-        handles[host.name] = remote.options(**options).remote(host, run_dir)
+        handles[host.name] = remote.options(**options).remote(host, run_dir, weights)
     return handles
 
 

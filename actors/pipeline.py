@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scrit.checkpoints import WeightSource
 from scrit.config import ScritConfig
 from scrit.factory import RoleSpec, RunPlan
 from scrit.messages import ProblemBatch, encode
@@ -88,7 +89,8 @@ class ProducerPipeline:
     moving through the roles."""
 
     def __init__(self, cfg: ScritConfig, plan: RunPlan, run_dir: Path, buffer: Any, source: ProblemSource,
-                 first_batch_id: int = 0, actor_options: dict[str, Any] | None = None) -> None:
+                 first_batch_id: int = 0, actor_options: dict[str, Any] | None = None,
+                 weights: WeightSource | None = None) -> None:
         from scrit.actors.engines import start_engine_hosts
 
         self.cfg = cfg
@@ -102,7 +104,7 @@ class ProducerPipeline:
         options = actor_options or {}
         self.plan = plan
         self.prefix = f"{uuid.uuid4().hex[:8]}/"  # this pipeline's engine host names, apart from any other run's
-        self.hosts = start_engine_hosts(plan.hosts, str(run_dir), options, self.prefix)
+        self.hosts = start_engine_hosts(plan.hosts, str(run_dir), options, self.prefix, weights)
         self.roles = {spec.name: RoleActors(spec, [self.start_role(spec, run_dir, k, options) for k in range(spec.replicas)])
                       for spec in plan.roles if spec.kind != "evaluator"}
 

@@ -1,9 +1,16 @@
 """Weight registry: the one place that says which critic version is current (DESIGN.md §8).
 
-The trainer publishes a ``WeightVersion`` (checkpoint directory + checksum) every K steps. The
-registry appends it to ``run_dir/versions/registry.jsonl`` (fsynced) before ``publish`` returns;
-subscribers follow that file (``scrit.checkpoints.VersionFollower``) and load new versions
-themselves, so weights never pass through the registry or Ray's object store.
+The trainer publishes a ``WeightVersion`` (checkpoint directory + checksum) every K steps, with the
+version's weights (``scrit.weights.PackedWeights``). The registry puts the weights into Ray's object
+store, then appends the version to ``run_dir/versions/registry.jsonl`` (fsynced) before ``publish``
+returns; subscribers follow that file (``scrit.checkpoints.VersionFollower``) and take the weights from
+the object store through ``weights(version)`` (``ObjectStoreWeights``), or read the checkpoint.
+
+Why the registry, not the trainer, owns the in-memory copy: a Ray object lives as long as the process
+that put it, and the trainer's worker is the process most likely to go (its node is preempted, Ray
+Train restarts its group); the registry lives with the driver. Only the newest version is kept (a
+subscriber still fetching an older one holds its own reference until it is done), so the object store
+holds one version. A restarted registry has none: subscribers then read the checkpoint.
 
 ``WeightRegistry`` is a plain class (no Ray import) so it is testable in-process;
 ``weight_registry_actor()`` wraps it as a named Ray actor, importing Ray only when called.
@@ -22,14 +29,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import msgspec
 
 from scrit.checkpoints import append_registry, checkpoint_checksum, read_registry, registry_path
 from scrit.messages import WeightVersion
 from scrit.rundir import record_process
+from scrit.weights import PackedWeights
 
-__all__ = ["WeightRegistry", "weight_registry_actor"]
+__all__ = ["ObjectStoreWeights", "WeightRegistry", "weight_registry_actor"]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +48,15 @@ log = logging.getLogger(__name__)
 class WeightRegistry:
     """Published critic versions (0 = seed), persisted append-only, plus the run's stop flag."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], seed_uri: str | os.PathLike[str]) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], seed_uri: str | os.PathLike[str], *,
+                 store: Callable[[PackedWeights], Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.path = registry_path(run_dir)
         self._lock = threading.Lock()
         self._stop = False
         self._metrics_targets: dict[str, str] = {}
+        self._store = store or (lambda weights: weights)  # the Ray actor: ray.put (this process owns the copy)
+        self._in_memory: tuple[int, Any] | None = None  # (version, what ``store`` returned) of the newest
         record_process(self.run_dir, "registry")
         published = read_registry(self.run_dir)
         self._versions: list[WeightVersion] = [self._seed_version(seed_uri), *published]
@@ -62,18 +76,30 @@ class WeightRegistry:
         stamp = max(p.stat().st_mtime for p in root.iterdir() if p.is_file())
         return WeightVersion(version=0, uri=str(seed_uri), checksum=checksum, created_at=stamp)
 
-    def publish(self, version: WeightVersion) -> WeightVersion:
-        """Record a new version (durably, before returning); it must be newer than the latest."""
+    def publish(self, version: WeightVersion, weights: PackedWeights | None = None) -> WeightVersion:
+        """Record a new version (durably, before returning); it must be newer than the latest. Its
+        ``weights`` are stored first, so a subscriber that sees the version finds them."""
         if not isinstance(version, WeightVersion):
             raise TypeError(f"expected WeightVersion, got {type(version).__name__}")
         with self._lock:
             latest = self._versions[-1]
             if version.version <= latest.version:
                 raise ValueError(f"version {version.version} is not newer than the latest ({latest.version})")
+            if weights is not None:
+                self._in_memory = (version.version, self._store(weights))
             append_registry(self.run_dir, version)
             self._versions.append(version)
-        log.info("published critic version %d (%s)", version.version, version.uri)
+        log.info("published critic version %d (%s%s)", version.version, version.uri,
+                 f", {weights.nbytes / 1e6:.1f} MB in memory" if weights is not None else "")
         return version
+
+    def weights(self, version: int) -> list[Any]:
+        """``[stored weights]`` of ``version`` if they are in memory, else ``[]`` (read the checkpoint).
+
+        In the Ray actor that is ``[ObjectRef]``: inside a list Ray hands the reference to the caller,
+        who fetches the bytes from the nearest object store, not through this actor."""
+        held = self._in_memory
+        return [held[1]] if held is not None and held[0] == version else []
 
     def latest(self) -> WeightVersion:
         return self._versions[-1]
@@ -107,6 +133,44 @@ class WeightRegistry:
 # ------------------------------------------------------------------------------------------------
 # Ray shell (Ray is imported only here)
 
+
+class _RegistryActor(WeightRegistry):
+    """The registry as a Ray actor: published weights go into Ray's object store, owned by this actor."""
+
+    def __init__(self, run_dir: str, seed_uri: str) -> None:
+        import ray
+
+        super().__init__(run_dir, seed_uri, store=ray.put)
+
+
+class ObjectStoreWeights(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``scrit.checkpoints.WeightSource``: published versions from Ray's object store, through the
+    run's registry actor (``registry`` in ``namespace``). Anything that goes wrong (the registry is
+    restarting or gone, the object was lost with its node) is logged and makes the follower read the
+    checkpoint instead, so the in-memory path can only make a swap faster, never fail one."""
+
+    registry: str
+    namespace: str | None = None
+    timeout_s: float = 60.0
+    name: ClassVar[str] = "object_store"
+
+    def fetch(self, version: WeightVersion) -> Mapping[str, Any] | None:
+        import ray
+        from ray.exceptions import RayError
+
+        try:
+            registry = ray.get_actor(self.registry, namespace=self.namespace)
+            refs = ray.get(registry.weights.remote(version.version), timeout=self.timeout_s)
+            if not refs:
+                return None
+            packed: PackedWeights = ray.get(refs[0], timeout=self.timeout_s)
+        except (RayError, ValueError) as error:  # ValueError: no actor of that name (yet)
+            log.warning("version %d not in memory (%s: %s); reading its checkpoint", version.version,
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            return None
+        return packed.tensors()
+
+
 _actor_class: Any = None
 
 
@@ -115,7 +179,7 @@ def _remote_class() -> Any:
     if _actor_class is None:
         import ray
 
-        _actor_class = ray.remote(WeightRegistry)
+        _actor_class = ray.remote(_RegistryActor)
     return _actor_class
 
 

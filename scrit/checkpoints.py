@@ -8,9 +8,13 @@ which versions exist, for a running run and a finished one, from any process, wi
 * ``read_registry`` loads the whole file (the registry actor, on start and restart);
 * ``RegistryTail`` reads only what was appended since its last poll;
 * ``VersionFollower`` keeps one inference backend on the newest published version that loads. Every
-  subscriber uses it: the critic, corrector and validator actors between batches, and every Serve
-  replica in a background thread. A version whose checkpoint does not match its checksum, or does
-  not load, is logged, counted and never tried again; the backend keeps what it has.
+  subscriber uses it: the engine hosts between requests, and every Serve replica in a background
+  thread. A version whose checkpoint does not match its checksum, or does not load, is logged,
+  counted and never tried again; the backend keeps what it has.
+
+The registry file says *which* versions exist; the weights come from a ``WeightSource`` when the
+follower has one (in a run: Ray's object store, ``scrit.actors.registry.ObjectStoreWeights``), else
+from the checkpoint. A version whose in-memory copy is gone (its owner died) is read from disk.
 
 Ray-free, so all of it runs and is tested in-process.
 """
@@ -25,8 +29,8 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import msgspec
 
@@ -37,6 +41,7 @@ __all__ = [
     "RegistryError",
     "RegistryTail",
     "VersionFollower",
+    "WeightSource",
     "checkpoint_checksum",
     "read_registry",
     "registry_path",
@@ -249,22 +254,39 @@ class RegistryTail:
         return out
 
 
+class WeightSource(Protocol):
+    """Where a follower gets a published version's weights without reading its checkpoint."""
+
+    name: str  # the transport, as swap records name it ("object_store")
+
+    def fetch(self, version: WeightVersion) -> Mapping[str, Any] | None:
+        """The version's state dict, or None when this source does not have it (read the checkpoint)."""
+        ...
+
+
+DISK = "disk"  # the transport of a version read from its checkpoint
+
+
 class VersionFollower:
     """Keeps ``backend`` on the newest version published in ``run_dir`` that verifies and loads.
 
     ``poll()`` is cheap when nothing is new (one ``stat``). When versions are waiting it tries the
-    newest first: verify the checksum, then ``backend.load_weights`` (which swaps atomically: HF loads
-    beside and switches a reference, vLLM reloads in place after the batch in flight). A version that
-    fails is rejected for good (logged, ``swap_errors``), and the next newest is tried. ``role`` labels
-    the Prometheus series (``scrit_swap_seconds``, ``scrit_critic_version``).
+    newest first: its weights from ``weights`` (the ``WeightSource``) if that has them, else the
+    checkpoint after its checksum is verified, then ``backend.load_weights`` (which swaps atomically:
+    HF loads beside and switches a reference, vLLM reloads in place after the batch in flight). A
+    version that fails is rejected for good (logged, ``swap_errors``), and the next newest is tried.
+    ``role`` labels the Prometheus series (``scrit_swap_seconds``, ``scrit_critic_version``); each swap's
+    record names its transport.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], backend: Any, role: str, *,
-                 verify_checksum: bool = True) -> None:
+                 verify_checksum: bool = True, weights: WeightSource | None = None) -> None:
         self.tail = RegistryTail(run_dir)
         self.backend = backend  # None until ``open`` builds it
         self.role = role
         self.verify_checksum = verify_checksum
+        self.weights = weights
+        self.transports: dict[str, int] = {}  # swaps (and ``open``) per transport
         self._pending: dict[int, WeightVersion] = {}
         self._lock = threading.Lock()
         self.rejected: set[int] = set()
@@ -276,7 +298,8 @@ class VersionFollower:
 
     def open(self, build: Callable[[WeightVersion], Any], base: WeightVersion) -> Any:
         """Build the backend (``build(version)``) on the newest published version above ``base`` that
-        verifies and loads, else on ``base`` (the run's own seed: its failure is raised). A published
+        verifies and loads, else on ``base`` (the run's own seed: its failure is raised). A version
+        whose weights the ``WeightSource`` has is built as ``base`` and reloaded from them. A published
         version that fails is rejected for good, as in ``poll``. Returns the backend (``self.backend``).
 
         This is how every subscriber starts, and how a restarted one rejoins on the latest version."""
@@ -285,9 +308,14 @@ class VersionFollower:
                            key=lambda v: v.version, reverse=True)
             for version in [*newer, base]:
                 try:
-                    if version is not base and self.verify_checksum:
-                        verify_checkpoint(version)
-                    backend = build(version)
+                    weights = self._fetch(version) if version is not base else None
+                    if weights is not None:
+                        backend = build(base)
+                        backend.load_weights(version.version, version.uri, weights=weights)
+                    else:
+                        if version is not base and self.verify_checksum:
+                            verify_checkpoint(version)
+                        backend = build(version)
                 except Exception as error:  # noqa: BLE001 - a broken checkpoint is skipped, never served
                     if version is base:
                         raise
@@ -295,8 +323,16 @@ class VersionFollower:
                     continue
                 self.backend = backend
                 self.since[backend.version] = time.time()
+                if version is not base:
+                    self._count(self.weights.name if weights is not None else DISK)
                 return backend
         raise AssertionError("unreachable: the base version either loads or raises")
+
+    def _fetch(self, version: WeightVersion) -> Mapping[str, Any] | None:
+        return self.weights.fetch(version) if self.weights is not None else None
+
+    def _count(self, transport: str) -> None:
+        self.transports[transport] = self.transports.get(transport, 0) + 1
 
     @property
     def version(self) -> int:
@@ -321,21 +357,28 @@ class VersionFollower:
         previous = self.backend.version
         started = time.perf_counter()
         try:
-            if self.verify_checksum:
-                verify_checkpoint(version)
-            self.backend.load_weights(version.version, version.uri)
+            weights = self._fetch(version)
+            if weights is not None:
+                self.backend.load_weights(version.version, version.uri, weights=weights)
+            else:
+                if self.verify_checksum:
+                    verify_checkpoint(version)
+                self.backend.load_weights(version.version, version.uri)
         except Exception as error:  # noqa: BLE001 - a broken checkpoint must not stop the subscriber
             self._reject(version, error, previous)
             return False
         seconds = time.perf_counter() - started
         now = time.time()
+        transport = self.weights.name if weights is not None else DISK
         self.swaps += 1
+        self._count(transport)
         self.swap_latencies.append(seconds)
         self.since[version.version] = now
-        self.history.append({"version": version.version, "from": previous, "since": now,
+        self.history.append({"version": version.version, "from": previous, "since": now, "transport": transport,
                              "load_s": round(seconds, 4), "published_at": version.created_at or None})
         telemetry.observe_swap(self.role, version, now=now)
-        log.info("%s now on critic version %d (was %d; %.2fs)", self.role, version.version, previous, seconds)
+        log.info("%s now on critic version %d (was %d; %s, %.2fs)", self.role, version.version, previous,
+                 transport, seconds)
         return True
 
     def _reject(self, version: WeightVersion, error: BaseException, previous: int | None) -> None:
@@ -349,4 +392,5 @@ class VersionFollower:
     def stats(self) -> dict[str, Any]:
         return {"version": self.backend.version, "swaps": self.swaps, "swap_errors": self.swap_errors,
                 "rejected": sorted(self.rejected), "bad_registry_lines": self.tail.bad_lines,
-                "last_swap_s": self.swap_latencies[-1] if self.swap_latencies else None}
+                "last_swap_s": self.swap_latencies[-1] if self.swap_latencies else None,
+                "transports": dict(self.transports)}

@@ -100,6 +100,10 @@ class RunConfig(_Section):
     # The problem's own reference solution (just a correct solution, DESIGN.md §1) joins the solvers'
     # solutions as a correct one, so weak solvers still yield correct-vs-incorrect pairs.
     reference_as_correct: bool = True
+    # How a published version reaches the run's engines and Serve replicas: Ray's object store (the
+    # trainer puts the weights once; subscribers on any node reload from memory) or the checkpoint each
+    # subscriber reads from shared storage. The checkpoint is written either way.
+    weight_transport: Literal["object_store", "disk"] = "object_store"
 
 
 class DomainConfig(_Section):

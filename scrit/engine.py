@@ -77,7 +77,7 @@ class Engine:
         follower = self.follower.stats() if self.follower is not None else {}
         return {"engine": self.name, "version": self.backend.version, "requests": self.requests,
                 "swaps": follower.get("swaps", 0), "swap_errors": follower.get("swap_errors", 0),
-                "last_swap_s": follower.get("last_swap_s")}
+                "last_swap_s": follower.get("last_swap_s"), "transports": follower.get("transports", {})}
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)

@@ -31,6 +31,7 @@ from scrit.backends.base import SamplingParams
 from scrit.config import Backend, ScritConfig, VLLMConfig
 
 if TYPE_CHECKING:  # pragma: no cover
+    from scrit.checkpoints import WeightSource
     from scrit.engine import Engine
 
 __all__ = [
@@ -326,11 +327,14 @@ def build_backend(engine: EngineSpec, model: str | None = None, version: int = 0
 
 
 def open_engine(engine: EngineSpec, run_dir: str | Path | None = None, *, base_version: int = 0,
-                verify_checksum: bool = True, poll_s: float = 0.2, label: str | None = None) -> Engine:
+                verify_checksum: bool = True, poll_s: float = 0.2, label: str | None = None,
+                weights: WeightSource | None = None) -> Engine:
     """``engine`` built in this process. One that ``follows`` (and has a ``run_dir``) starts on the run's
     newest published version that verifies and loads (the spec's model as ``base_version`` when none
     does), through the same ``VersionFollower`` that then keeps it current: a restarted engine rejoins
-    on the latest version. ``label`` names it in metrics and logs (default: ``engine.label``)."""
+    on the latest version. ``weights`` is where the follower gets versions in memory (in a run: Ray's
+    object store); without it, or for a version it lacks, the checkpoint is read. ``label`` names it in
+    metrics and logs (default: ``engine.label``)."""
     from scrit.checkpoints import VersionFollower
     from scrit.engine import Engine
     from scrit.messages import WeightVersion
@@ -338,7 +342,7 @@ def open_engine(engine: EngineSpec, run_dir: str | Path | None = None, *, base_v
     label = label or engine.label
     if not (engine.follows and run_dir is not None):
         return Engine(label, build_backend(engine, version=base_version))
-    follower = VersionFollower(run_dir, None, label, verify_checksum=verify_checksum)
+    follower = VersionFollower(run_dir, None, label, verify_checksum=verify_checksum, weights=weights)
     base = WeightVersion(version=base_version, uri=engine.model, checksum="", created_at=0.0)
     follower.open(lambda version: build_backend(engine, version.uri, version.version), base)
     return Engine(label, follower.backend, follower, poll_s=poll_s)

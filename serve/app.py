@@ -593,7 +593,7 @@ def start_critic_endpoint(cfg: Any, model_uri: str | None = None,
                           follow_run_dir: str | os.PathLike[str] | None = None, *, host: str | None = None,
                           port: int | None = None, replicas: int | None = None, api_key: str | None = None,
                           app_name: str = APP_NAME, route_prefix: str = "/", start_version: int | None = None,
-                          poll_s: float = 0.2, ready_timeout_s: float = 180.0) -> str:
+                          poll_s: float = 0.2, ready_timeout_s: float = 180.0, weights: Any = None) -> str:
     """Deploy the critic endpoint on the running Ray cluster; returns its base URL once it answers.
 
     Ray must already be initialised. ``cfg`` is a ``ScritConfig``: ``serve.*`` gives host, port,
@@ -601,16 +601,18 @@ def start_critic_endpoint(cfg: Any, model_uri: str | None = None,
     ``serve_replica_num_gpus`` size the replicas, ``critic.*`` the backend and generation length.
     Keyword arguments override the config. With ``follow_run_dir`` every replica follows that run's
     ``versions/registry.jsonl`` (a running or finished run) and hot-swaps to each new version; it
-    starts on the newest published version that loads. Serve's HTTP options are cluster-wide: if
-    Serve is already running on another host/port, that one is kept, and this raises when the URL
-    does not answer.
+    starts on the newest published version that loads; ``weights`` (the run's
+    ``scrit.actors.registry.ObjectStoreWeights``, when the run starts its own endpoint) lets replicas
+    take versions from Ray's object store instead of the checkpoint. Serve's HTTP options are
+    cluster-wide: if Serve is already running on another host/port, that one is kept, and this raises
+    when the URL does not answer.
     """
     import ray
 
     if not ray.is_initialized():
         raise RuntimeError("start_critic_endpoint needs Ray to be initialised (ray.init) first")
-    settings = build_settings(cfg, model_uri, follow_run_dir, api_key=api_key, start_version=start_version,
-                              poll_s=poll_s)
+    settings = msgspec.structs.replace(build_settings(cfg, model_uri, follow_run_dir, api_key=api_key,
+                                                      start_version=start_version, poll_s=poll_s), weights=weights)
     host = host or cfg.serve.host
     port = int(port if port is not None else cfg.serve.port)
     serve.start(http_options={"host": host, "port": port})

@@ -41,6 +41,7 @@ from typing import Any
 
 import msgspec
 
+from scrit.actors.registry import ObjectStoreWeights
 from scrit.backends.base import Generation, SamplingParams
 from scrit.checkpoints import VersionFollower
 from scrit.factory import RoleSpec
@@ -64,6 +65,9 @@ class ServeSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_wait_timeout_s: float = 0.01
     verify_checksum: bool = True
     metrics_run: str | None = None  # Prometheus ``run`` label (scrit.telemetry, role "serve"); None = off
+    # The run's versions in Ray's object store, for the endpoint a run starts itself (``scrit serve
+    # --follow`` from another process reads checkpoints); such a replica is one of the run's processes.
+    weights: ObjectStoreWeights | None = None
 
     @property
     def prompt_style(self) -> str:
@@ -82,6 +86,16 @@ def telemetry(settings: ServeSettings) -> Any:
     except ImportError:  # pragma: no cover - metrics are optional for serving
         return None
     return module if module.enabled() else None
+
+
+def _replica_rank() -> int:
+    """This Serve replica's rank in its deployment (0 outside Serve): a replacement takes its rank."""
+    try:
+        from ray import serve
+
+        return int(serve.get_replica_context().rank.rank)
+    except Exception:  # noqa: BLE001 - not in a Serve replica (tests build the service in-process)
+        return 0
 
 
 @dataclass(frozen=True)
@@ -185,8 +199,13 @@ class CriticService:
         self._stop = threading.Event()
         # The newest published version that verifies and loads (else the start model), through the same
         # VersionFollower that then keeps this replica current (scrit.factory.open_engine).
+        if settings.weights is not None and settings.follow_run_dir:
+            from scrit.rundir import record_process
+
+            record_process(settings.follow_run_dir, f"{ROLE}.{_replica_rank()}")  # where it runs; restarts count
         self.engine = open_engine(settings.role.engine, settings.follow_run_dir, base_version=settings.start_version,
-                                  verify_checksum=settings.verify_checksum, poll_s=settings.poll_s, label=ROLE)
+                                  verify_checksum=settings.verify_checksum, poll_s=settings.poll_s, label=ROLE,
+                                  weights=settings.weights)
         self.backend = self.engine.backend
         self.follower: VersionFollower | None = self.engine.follower
         self._started = time.time()

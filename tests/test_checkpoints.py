@@ -8,6 +8,7 @@ it has.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import msgspec
@@ -24,6 +25,7 @@ from scrit.checkpoints import (
     remove_unpublished_checkpoints,
 )
 from scrit.messages import WeightVersion
+from scrit.weights import PackedWeights
 
 
 def _checkpoint(path: Path, weights: bytes) -> Path:
@@ -45,12 +47,28 @@ class Recording:
         self.loaded: list[int] = []
         self.fail: set[int] = set()
 
-    def load_weights(self, version: int, path: str) -> None:
+    def load_weights(self, version: int, path: str, weights: dict | None = None) -> None:
         if version in self.fail:
             raise OSError(f"corrupt safetensors in {path}")
-        (Path(path) / "model.safetensors").read_bytes()
+        if weights is None:
+            (Path(path) / "model.safetensors").read_bytes()
         self.loaded.append(version)
+        self.from_memory = weights is not None
         self.version = version
+
+
+class InProcessWeights:
+    """A WeightSource over an in-process ``WeightRegistry`` (the Ray actor's ``ObjectStoreWeights``
+    does the same through Ray's object store)."""
+
+    name = "object_store"
+
+    def __init__(self, registry: WeightRegistry) -> None:
+        self.registry = registry
+
+    def fetch(self, version: WeightVersion) -> dict | None:
+        held = self.registry.weights(version.version)
+        return held[0].tensors() if held else None
 
 
 def test_registry_tail_reads_appends_waits_for_torn_lines_and_rereads_a_cut_file(tmp_path: Path) -> None:
@@ -164,3 +182,56 @@ def test_unpublished_checkpoints_are_removed(tmp_path: Path) -> None:
     _checkpoint(run / "versions" / "v0002", b"two")  # renamed into place, never published
     assert sorted(remove_unpublished_checkpoints(run)) == [".v0002.tmp-1234abcd", "v0002"]
     assert sorted(p.name for p in (run / "versions").iterdir()) == ["registry.jsonl", "v0001"]
+
+
+def test_follower_takes_versions_from_memory_and_reads_the_checkpoint_only_when_they_are_not(tmp_path: Path) -> None:
+    """The transport is a detail behind the one follower: a version whose weights the registry holds in
+    memory swaps even with its checkpoint gone; one it does not hold is read (and verified) from disk."""
+    import torch
+
+    run = tmp_path / "run"
+    registry = WeightRegistry(run, _checkpoint(tmp_path / "seed", b"seed"))
+    backend = Recording()
+    follower = VersionFollower(run, backend, "critic", weights=InProcessWeights(registry))
+
+    def publish(version: int, in_memory: bool) -> Path:
+        path = _checkpoint(run / "versions" / f"v{version:04d}", f"v{version}".encode())
+        weights = PackedWeights.pack({"w": torch.full((2,), float(version))}) if in_memory else None
+        registry.publish(WeightVersion(version=version, uri=str(path), checksum=checkpoint_checksum(path)), weights)
+        return path
+
+    publish(1, in_memory=True).joinpath("model.safetensors").unlink()  # nobody may read it
+    assert follower.poll() and backend.version == 1 and backend.from_memory
+    publish(2, in_memory=False)
+    assert follower.poll() and backend.version == 2 and not backend.from_memory
+    publish(3, in_memory=True)
+    publish(4, in_memory=True)
+    assert registry.weights(3) == [] and len(registry.weights(4)) == 1  # only the newest stays in memory
+    assert follower.poll() and backend.version == 4 and backend.from_memory
+    assert follower.stats()["transports"] == {"object_store": 2, "disk": 1}
+    assert [swap["transport"] for swap in follower.history] == ["object_store", "disk", "object_store"]
+    for version in (3, 4):
+        shutil.rmtree(run / "versions" / f"v{version:04d}")
+
+    def build(version: WeightVersion) -> Recording:
+        started = Recording()
+        started.version = version.version
+        return started
+
+    rejoined = VersionFollower(run, None, "critic", weights=InProcessWeights(registry))  # a restarted subscriber
+    backend = rejoined.open(build, WeightVersion(version=0, uri=str(tmp_path / "seed"), checksum=""))
+    assert backend.version == 4 and backend.from_memory and rejoined.stats()["transports"] == {"object_store": 1}
+
+
+def test_packed_weights_round_trip_dtypes_and_tied_tensors() -> None:
+    import torch
+
+    embed = torch.randn(5, 3)
+    state = {"embed": embed, "head": embed, "norm": torch.randn(3).to(torch.bfloat16), "step": torch.tensor([7])}
+    packed = PackedWeights.pack(state)
+    assert packed.aliases == {"head": "embed"} and packed.bfloat16 == {"norm"}
+    assert packed.nbytes == 5 * 3 * 4 + 3 * 2 + 8  # the tied tensor travels once
+    back = packed.tensors()
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)

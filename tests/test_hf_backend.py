@@ -160,6 +160,20 @@ def test_load_weights_swaps_model(model_dirs: tuple[str, str]) -> None:
     assert after == HFBackend(model_dirs[1], device="cpu", version=1).generate(PROMPTS, GREEDY)
 
 
+def test_load_weights_from_memory_matches_loading_the_checkpoint(model_dirs: tuple[str, str]) -> None:
+    """A version from Ray's object store (``PackedWeights``, as the trainer puts it) generates exactly
+    what the same version read from its checkpoint does; the path only names the version."""
+    from transformers import AutoModelForCausalLM
+
+    from scrit.weights import PackedWeights
+
+    state = AutoModelForCausalLM.from_pretrained(model_dirs[1]).state_dict()
+    backend = HFBackend(model_dirs[0], device="cpu", batch_size=4)
+    backend.load_weights(1, "/gone/v0001", weights=PackedWeights.pack(state).tensors())
+    assert backend.version == 1
+    assert backend.generate(PROMPTS, GREEDY) == HFBackend(model_dirs[1], device="cpu", version=1).generate(PROMPTS, GREEDY)
+
+
 def test_swap_during_generate_is_safe(model_dirs: tuple[str, str]) -> None:
     backend = HFBackend(model_dirs[0], device="cpu", batch_size=2)
     results: list[list[Generation]] = []

@@ -43,6 +43,7 @@ import msgspec
 
 from scrit.checkpoints import checkpoint_checksum, version_dir
 from scrit.messages import TrainingExample, WeightVersion
+from scrit.weights import PackedWeights
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -90,6 +91,7 @@ def build_train_loop_config(
         "seed": int(cfg.run.seed),
         "use_gpu": cfg.resources.train_worker_num_gpus > 0,
         "chat_template": bool(chat_template),
+        "weight_transport": cfg.run.weight_transport,
         "train": msgspec.to_builtins(cfg.train),
         "metrics_run": cfg.run.name if cfg.metrics.enabled else None,  # rank 0 exports Prometheus metrics
     }
@@ -531,7 +533,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             path = _save_version(unwrapped(), state_dict, tokenizer, config["run_dir"], version, parent_uri,
                                  step, parent_version)
             published = WeightVersion(version=version, uri=str(path), checksum=checkpoint_checksum(path), step=step)
-            ray.get(registry.publish.remote(published))
+            in_memory = None
+            if config["weight_transport"] == "object_store":  # put once; subscribers reload from memory
+                in_memory = PackedWeights.pack(state_dict if state_dict is not None else unwrapped().state_dict())
+            ray.get(registry.publish.remote(published, in_memory))
+            del in_memory
             if meter is not None:
                 meter.published(version)
             log.info("published critic version %d (step %d) at %s", version, step, path)
