@@ -2,16 +2,19 @@
 
 Read it top to bottom, as a run goes:
 
-1. **Set-up** (``_start``): the run directory, Ray, the weight registry and replay-buffer actors, the
-   producer pipeline (``actors/pipeline.py``: solver -> critic -> validator -> buffer actors), the
-   evaluator, the metrics exporters, the critic endpoint, and Ray Train in a background thread.
+1. **Set-up** (``_start``): the run directory, Ray, a check that the cluster can hold the run, the
+   weight registry and replay-buffer actors (on the driver's node: the run's state lives with the
+   process it cannot lose anyway), the producer pipeline (``actors/pipeline.py``: solver -> critic ->
+   validator -> buffer actors, spread over the nodes), the evaluator, the metrics exporters, the
+   critic endpoint, and Ray Train in a background thread.
 2. **Watch** (``_watch``): keep batches flowing while the buffer has room, log each finished batch
-   (``metrics.jsonl``), score every new version on held-out problems, stop at the last version or
-   the deadline, fail when a component cannot go on.
+   (``metrics.jsonl``), score every new version on held-out problems, note every node lost (and fail
+   if what is left cannot hold the run), stop at the last version or the deadline, fail when a
+   component cannot go on.
 3. **Finish** (``_finish``): stop the trainer, let the batches in flight reach the buffer, wait for
    the evaluations, write ``report.md`` and then ``summary.json`` (``status``: completed |
-   interrupted | failed, the error and its component, the counts). A failure's full traceback goes
-   to ``RUN_DIR/run.log``.
+   interrupted | failed, the error and its component, the counts, where each component ran and every
+   restart with its reason). A failure's full traceback goes to ``RUN_DIR/run.log``.
 
 Everything the run produces lives under the run directory (``scrit/rundir.py``).
 """
@@ -33,8 +36,9 @@ from scrit.rundir import (
     RunDirError,
     interrupts_deferred,
     prepare_run_dir,
-    process_starts,
+    process_records,
     read_events,
+    record_process,
     write_json_atomic,
 )
 
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 BUFFER_NAME = "scrit-buffer"
 REGISTRY_NAME = "scrit-registry"
+NO_PLACEMENT: dict[str, Any] = {"restarts": {}, "restart_log": [], "placement": {}, "nodes": {}}
 COUNTS = ("problems", "solutions", "solutions_correct", "critiques", "parsed", "consistent", "validated", "kept")
 
 
@@ -80,6 +85,10 @@ class SelfPlayRun:
         self.pipeline: Any = None
         self.endpoint_url: str | None = None
         self.metrics_targets: Any = None
+        self.weights: Any = None  # ObjectStoreWeights: how versions reach the engines and Serve replicas
+        self.nodes: Any = None  # actors/nodes.py: NodeWatch, once Ray is up
+        self.demands: list[tuple[str, dict[str, float]]] = []  # what the run needs of the cluster
+        self.trainer_restarts_seen = 0
 
     # ====================================================================================== run
     def run(self) -> dict[str, Any]:
@@ -94,6 +103,7 @@ class SelfPlayRun:
                      log_to_driver=False, include_dashboard=False)
         else:
             self.namespace = ray.get_runtime_context().namespace
+        record_process(self.run_dir, "driver")
         status, failure = "completed", None
         try:
             self._start()
@@ -108,17 +118,22 @@ class SelfPlayRun:
     # ================================================================================== set-up
     def _start(self) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from scrit.actors.nodes import NodeWatch
         from scrit.actors.pipeline import ProducerPipeline
-        from scrit.actors.registry import weight_registry_actor
+        from scrit.actors.registry import ObjectStoreWeights, weight_registry_actor
         from scrit.actors.replay_buffer import buffer_options, replay_buffer_actor
         from scrit.checkpoints import RegistryError, read_registry, remove_unpublished_checkpoints
-        from scrit.factory import CRITIC_ENGINE, plan_run
+        from scrit.factory import CRITIC_ENGINE, plan_run, run_demands
         from scrit.problems import ProblemSource
         from scrit.train.trainer import TrainerThread
 
         cfg = self.cfg
         plan = plan_run(cfg)
+        self.nodes = NodeWatch()
+        self.demands = run_demands(cfg, plan)
+        self._check_fits()  # a cluster too small for the run fails now, not after a wait that never ends
         critic_engine = next(engine for engine in plan.engines if engine.name == CRITIC_ENGINE)
         self.seed_uri = critic_engine.model
         # Instruct models get their chat template, in generation and (same flag) in training.
@@ -129,12 +144,21 @@ class SelfPlayRun:
             except RegistryError as error:
                 raise RunFailed("registry", error) from error
             remove_unpublished_checkpoints(self.run_dir)  # a killed trainer's half-written versions
-        # Actors restart after a crash and rebuild their state from the run directory's files.
+        # Actors restart after a crash (or on another node after theirs is lost) and rebuild their state
+        # from the run directory's files.
         restarts = {"max_restarts": cfg.faults.actor_max_restarts, "max_task_retries": cfg.faults.actor_task_retries}
-        self.registry = weight_registry_actor(self.run_dir, self.seed_uri, num_cpus=0.05, name=REGISTRY_NAME,
-                                              actor_options=restarts)
-        self.buffer = replay_buffer_actor(num_cpus=0.05, actor_options={"name": BUFFER_NAME, **restarts},
+        # The run's state lives on the driver's node (soft: elsewhere if that node has no room).
+        state = {**restarts, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)}
+        self.registry = weight_registry_actor(self.run_dir, self.seed_uri, num_cpus=cfg.resources.state_num_cpus,
+                                              name=REGISTRY_NAME, actor_options=state)
+        self.buffer = replay_buffer_actor(num_cpus=cfg.resources.state_num_cpus,
+                                          actor_options={"name": BUFFER_NAME, **state},
                                           run_dir=str(self.run_dir), seed=cfg.run.seed, **buffer_options(cfg.buffer))
+        # Engines and roles spread over the nodes, so a lost node takes only its share of them.
+        workers = {**restarts, **({"scheduling_strategy": "SPREAD"} if cfg.resources.placement == "spread" else {})}
+        self.weights = (ObjectStoreWeights(registry=REGISTRY_NAME, namespace=self.namespace)
+                        if cfg.run.weight_transport == "object_store" else None)
         latest = ray.get(self.registry.latest.remote())
         buffer_stats = ray.get(self.buffer.stats.remote())
         if buffer_stats["torn_bytes"]:  # a crash mid-append: the torn tail was cut off and kept aside
@@ -149,10 +173,10 @@ class SelfPlayRun:
         self.pipeline = ProducerPipeline(
             cfg, plan, self.run_dir, self.buffer,
             ProblemSource(cfg, skip=sum(e.get("problems", 0) for e in previous)), first_batch_id=last_batch + 1,
-            actor_options=restarts)
+            actor_options=workers, weights=self.weights)
         evaluators = plan.of_kind("evaluator")  # arith with heldout_eval_items > 0: one, on the critic's engines
         if evaluators:
-            self.evaluator = self.pipeline.start_role(evaluators[0], self.run_dir, 0, restarts)
+            self.evaluator = self.pipeline.start_role(evaluators[0], self.run_dir, 0, workers)
         self.pipeline.wait_ready()
         if cfg.metrics.enabled:
             from scrit.actors.metrics_targets import MetricsTargets
@@ -178,7 +202,7 @@ class SelfPlayRun:
         from scrit.serve import start_critic_endpoint
 
         try:
-            self.endpoint_url = start_critic_endpoint(self.cfg, self.seed_uri, self.run_dir)
+            self.endpoint_url = start_critic_endpoint(self.cfg, self.seed_uri, self.run_dir, weights=self.weights)
         except Exception as error:  # noqa: BLE001 - see the docstring
             self.on_event(self.events.write("endpoint_error", error=f"{type(error).__name__}: {error}"))
             return
@@ -202,6 +226,7 @@ class SelfPlayRun:
                 self.on_event(self.events.write("version", version=latest.version, target=cfg.run.versions))
             self._schedule_evals(latest.version)
             self._collect_evals()
+            self._watch_nodes()
             if latest.version >= cfg.run.versions:
                 return
             if self.trainer.done.is_set():
@@ -220,6 +245,30 @@ class SelfPlayRun:
             self.pipeline.retries.clear()
             for report in reports:
                 self._record_batch(report, latest.version)
+
+    def _watch_nodes(self) -> None:
+        """Log each node lost and each restart of Ray Train's controller; fail the run, naming what no
+        longer fits, when the nodes left cannot hold it (Ray would wait for them forever)."""
+        for node in self.nodes.poll():
+            self.on_event(self.events.write("node_lost", node=self.nodes.name(node)))
+            self._check_fits(f"after losing node {self.nodes.name(node)}, ")
+        for restart in self.trainer.restarts[self.trainer_restarts_seen:]:
+            self.trainer_restarts_seen += 1
+            self.on_event(self.events.write("trainer_restart", error=restart["error"]))
+
+    def _check_fits(self, context: str = "") -> None:
+        from scrit.actors.nodes import unplaceable
+
+        capacities = self.nodes.capacities()
+        missing = unplaceable(self.demands, capacities)
+        if missing:
+            cpus = sum(node.get("CPU", 0.0) for node in capacities)
+            gpus = sum(node.get("GPU", 0.0) for node in capacities)
+            needed = {kind: round(sum(need.get(kind, 0.0) for _, need in self.demands), 3) for kind in ("CPU", "GPU")}
+            raise RunFailed("cluster", f"the cluster is too small for this run: {context}{len(capacities)} live "
+                                       f"nodes have {cpus:g} CPUs and {gpus:g} GPUs, the run needs {needed['CPU']:g} "
+                                       f"CPUs and {needed['GPU']:g} GPUs; no room for {', '.join(missing)} "
+                                       f"(resources.* and train.min_workers size it)")
 
     def _record_batch(self, report: dict[str, Any], latest_version: int) -> None:
         for key in COUNTS:
@@ -282,7 +331,8 @@ class SelfPlayRun:
         try:
             if self.trainer is not None:
                 ray.get(self.registry.request_stop.remote())
-                self.trainer.done.wait(timeout=120)
+                # a failed run's trainer may never have been placed (the cluster is too small): do not wait long
+                self.trainer.done.wait(timeout=10 if status == "failed" else 120)
             if self.pipeline is not None and status != "failed":
                 for report in self.pipeline.drain(timeout=60 if status == "completed" else 10):
                     self._record_batch(report, -1)
@@ -342,6 +392,7 @@ class SelfPlayRun:
             "versions": latest.version if latest is not None else None,
             "seed_model": getattr(self, "seed_uri", self.cfg.critic.model),
             "final_model": latest.uri if latest is not None else None,
+            "started_at": self.started,  # epoch seconds; metrics.jsonl's ``t`` counts from here
             "wall_seconds": round(time.time() - self.started, 1),
             "interrupted": status == "interrupted",
             "resumed": self.resume,
@@ -350,8 +401,8 @@ class SelfPlayRun:
             "require_verdict_match": self.cfg.validator.require_verdict_match,
             "endpoint": self.endpoint_url,
             "counts": self.counts,
-            "restarts": {name: len(pids) - 1 for name, pids in process_starts(self.run_dir, self.started).items()
-                         if len(pids) > 1},
+            **self._reported(self._placement, dict(NO_PLACEMENT)),
+            "engines": self._reported(self._engine_stats, {}),
             "batch_retries": self.batch_retries,
             "kept_error_kinds": self._reported(kept_error_kinds, {}) if self.cfg.domain.name == "arith" else {},
             "train": read_events(self.run_dir / "train_metrics.jsonl"),
@@ -362,6 +413,32 @@ class SelfPlayRun:
         self._reported(lambda run_dir: write_report(run_dir, summary), None)
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+    def _placement(self, run_dir: Path) -> dict[str, Any]:
+        """``restarts`` (count per component), ``restart_log`` (each with its reason: node lost or process
+        died), ``placement`` (the node each component runs on now) and ``nodes`` (every node seen)."""
+        from scrit.actors.nodes import component_history
+
+        if self.nodes is None:  # Ray never came up
+            return dict(NO_PLACEMENT)
+        records = process_records(run_dir, self.started)
+        self.nodes.poll()
+        placement, restart_log = component_history(records, self.nodes, self.started)
+        restarts: dict[str, int] = {}
+        for restart in restart_log:
+            restarts[restart["component"]] = restarts.get(restart["component"], 0) + 1
+        return {"restarts": restarts, "restart_log": restart_log, "placement": placement,
+                "nodes": self.nodes.summary()}
+
+    def _engine_stats(self, run_dir: Path) -> dict[str, Any]:
+        """Each engine host's engines at the end: version, requests, swaps and how each version arrived
+        (``transports``: object store or disk)."""
+        import ray
+
+        if self.pipeline is None:
+            return {}
+        hosts = self.pipeline.hosts
+        return dict(zip(hosts, ray.get([host.stats.remote() for host in hosts.values()], timeout=10)))
 
     def _reported(self, make: Callable[[Path], Any], fallback: Any) -> Any:
         """A report's statistic or plot; one that fails goes to run.log and never costs the run its summary."""

@@ -175,6 +175,9 @@ class TrainConfig(_Section):
     strategy: Strategy = "ddp"
     zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed only
     num_workers: AtLeast1 = 1
+    # Elastic training: with fewer CPUs/GPUs than num_workers need (a node lost), Ray Train runs with as
+    # many workers as fit, down to min_workers. None = exactly num_workers.
+    min_workers: AtLeast1 | None = None
     lr: Positive = 3e-4
     batch_size: AtLeast1 = 4  # examples per micro-batch (x grad_accum = examples per optimizer step)
     grad_accum: AtLeast1 = 2  # 4 x 2: the activations of 4 examples at a time (the trainer's peak memory)
@@ -205,6 +208,10 @@ class ResourcesConfig(_Section):
     serve_replica_num_cpus: NonNegative = 0.25
     serve_replica_num_gpus: NonNegative = 0.0
     serve_replicas: AtLeast1 = 1
+    state_num_cpus: NonNegative = 0.0  # the replay buffer and weight registry (light; 0 fits beside the driver on any head)
+    # Engine hosts and role actors: "spread" over every node that fits them (a lost node takes only
+    # its share), or "default": Ray's own placement (fill a node before the next).
+    placement: Literal["spread", "default"] = "spread"
 
 
 class ServeConfig(_Section):
@@ -520,6 +527,9 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     for index, solver in enumerate(cfg.solvers):
         model_backend(f"solvers[{index}]", solver.model, solver.backend)
     model_backend("corrector", cfg.corrector.model, cfg.corrector.backend)
+    if cfg.train.min_workers is not None:
+        need(cfg.train.min_workers <= cfg.train.num_workers, "train.min_workers",
+             f"must be <= train.num_workers ({cfg.train.num_workers})", cfg.train.min_workers)
     # The trainer draws whole batches; a smaller buffer could never supply one.
     need(cfg.buffer.capacity >= cfg.train.batch_size, "buffer.capacity",
          f"must be >= train.batch_size ({cfg.train.batch_size})", cfg.buffer.capacity)

@@ -50,6 +50,7 @@ __all__ = [
     "engine_spec",
     "open_engine",
     "plan_run",
+    "run_demands",
     "serve_role",
 ]
 
@@ -272,6 +273,25 @@ def engine_hosts(engines: list[EngineSpec], colocate: bool) -> list[EngineHostSp
                                     num_gpus=sum(e.num_gpus for e in held),
                                     max_concurrency=sum(e.max_concurrency for e in held)))
     return hosts
+
+
+def run_demands(cfg: ScritConfig, plan: RunPlan) -> list[tuple[str, dict[str, float]]]:
+    """What a run needs of the cluster to go on: ``(component, {"CPU": .., "GPU": ..})`` per actor, for
+    the engine hosts, role actors (the evaluator's too), the buffer and registry, and Ray Train's workers
+    (``train.min_workers`` of them when training is elastic). The driver checks that these fit the
+    cluster's nodes before it starts them and after a node is lost. The Serve replicas are left out:
+    the endpoint is a window on the run, and one that cannot be placed must not stop the training."""
+    res = cfg.resources
+
+    def need(cpus: float, gpus: float) -> dict[str, float]:
+        return {"CPU": cpus, "GPU": gpus}
+
+    out = [(host.name, need(host.num_cpus, host.num_gpus)) for host in plan.hosts]
+    out += [(role.actor_name(k), need(role.num_cpus, role.num_gpus)) for role in plan.roles for k in range(role.replicas)]
+    out += [(name, need(res.state_num_cpus, 0.0)) for name in ("buffer", "registry")]
+    workers = cfg.train.min_workers or cfg.train.num_workers
+    out += [(f"trainer.rank{k}", need(res.train_worker_num_cpus, res.train_worker_num_gpus)) for k in range(workers)]
+    return out
 
 
 def serve_role(cfg: ScritConfig, model: str, *, follows: bool) -> RoleSpec:

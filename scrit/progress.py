@@ -73,6 +73,10 @@ class RunDisplay:
         elif kind == "retry":
             self.console.print(f"[bold yellow]batch {event['batch_id']} sent again[/] ({event['component']} died: "
                                f"{event['error']})")
+        elif kind == "node_lost":
+            self.console.print(f"[bold yellow]node {event['node']} lost[/]: its actors restart on the nodes left")
+        elif kind == "trainer_restart":
+            self.console.print(f"[bold yellow]training starts again[/] (Ray Train's controller failed: {event['error']})")
         elif kind == "buffer_repaired":
             self.console.print(f"[bold yellow]replay buffer[/]: a torn tail of {event['torn_bytes']} bytes was cut "
                                f"off and kept in {event['kept_aside']}; {event['examples']} examples loaded")

@@ -133,8 +133,26 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
             lines.append(f"| {solver} | " + " | ".join(str(counts.get(k, 0)) for k in kinds)
                          + f" | {sum(counts.values())} |")
         lines.append("")
+    lines += _placement_lines(summary)
     for title, file in plots:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _placement_lines(summary: dict[str, Any]) -> list[str]:
+    """Where each component ran (node: IP/node id) and every restart with its reason."""
+    placement = summary.get("placement") or {}
+    if not placement:
+        return []
+    lost = [name for name, node in (summary.get("nodes") or {}).items() if not node.get("alive")]
+    lines = ["## Where it ran", "", f"Nodes: {len(summary.get('nodes') or {})}"
+             + (f", lost: {', '.join(lost)}" if lost else "") + ".", "",
+             "| component | node (now) |", "|---|---|"]
+    lines += [f"| {component} | {node} |" for component, node in sorted(placement.items())]
+    restarts = summary.get("restart_log") or []
+    if restarts:
+        lines += ["", "| restart | at (s) | reason | from node | to node |", "|---|---|---|---|---|"]
+        lines += [f"| {r['component']} | {r['t']} | {r['reason']} | {r['from_node']} | {r['to_node']} |" for r in restarts]
+    return [*lines, ""]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ __all__ = [
     "RunDirError",
     "interrupts_deferred",
     "prepare_run_dir",
+    "process_records",
     "process_starts",
     "read_events",
     "record_process",
@@ -93,12 +95,13 @@ def record_process(run_dir: str | os.PathLike[str], component: str) -> None:
     """Note that ``component`` (``critic.0``, ``buffer``, ``trainer.rank1``, ...) started in this process.
 
     Each actor calls this in its constructor, so a restarted actor adds a line: operators see which
-    pid is which, and the driver counts restarts. One short ``O_APPEND`` write per line keeps
-    concurrent writers from interleaving.
+    pid is which and on which Ray node it runs, and the driver counts restarts (and tells a lost node
+    from a dead process by that node). One short ``O_APPEND`` write per line keeps concurrent writers
+    from interleaving.
     """
     path = Path(run_dir) / PROCESSES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"component": component, "pid": os.getpid(), "time": time.time()}) + "\n"
+    line = json.dumps({"component": component, "pid": os.getpid(), "time": time.time(), **_ray_node()}) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -106,13 +109,28 @@ def record_process(run_dir: str | os.PathLike[str], component: str) -> None:
         os.close(fd)
 
 
-def process_starts(run_dir: str | os.PathLike[str], since: float = 0.0) -> dict[str, list[int]]:
-    """The pids each component started with (oldest first), counting starts at or after ``since``."""
-    starts: dict[str, list[int]] = {}
+def _ray_node() -> dict[str, str]:
+    """``{"node": id, "ip": address}`` of this process's Ray node, or ``{}`` outside Ray (Ray is not
+    imported here: a process that runs in Ray has imported it already)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+
+def process_records(run_dir: str | os.PathLike[str], since: float = 0.0) -> dict[str, list[dict[str, Any]]]:
+    """Each component's process starts at or after ``since``, oldest first: ``{"pid", "time"}`` and,
+    in Ray, ``{"node", "ip"}``."""
+    starts: dict[str, list[dict[str, Any]]] = {}
     for event in read_events(Path(run_dir) / PROCESSES_FILE):
         if event.get("time", 0.0) >= since:
-            starts.setdefault(event["component"], []).append(int(event["pid"]))
+            starts.setdefault(event["component"], []).append(event)
     return starts
+
+
+def process_starts(run_dir: str | os.PathLike[str], since: float = 0.0) -> dict[str, list[int]]:
+    """The pids each component started with (oldest first), counting starts at or after ``since``."""
+    return {name: [int(start["pid"]) for start in starts] for name, starts in process_records(run_dir, since).items()}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -13,9 +13,16 @@ version published every ``steps_per_version`` optimizer steps.
    rank then reports metrics through ``ray.train.report``,
 5. stop once the registry holds version ``cfg.run.versions`` or the registry asks for a stop.
 
-A worker that dies (killed, OOM, preempted) makes Ray Train restart the worker group
+A worker that dies (killed, OOM, preempted, its node lost) makes Ray Train restart the worker group
 (``FailureConfig``, ``faults.train_max_failures``); the loop then starts again at step 2 from the
-registry's latest version, so at most the steps since the last published version are lost.
+registry's latest version, so at most the steps since the last published version are lost. A node
+lost at the wrong moment can also fail Ray Train's controller itself (``ControllerError``, which its
+failure policy does not retry): ``TrainerThread`` then starts training again, from the same place,
+within the same budget. With ``train.min_workers`` the group is elastic and restarts on as many
+workers as the remaining nodes fit.
+
+Each published version's weights go into Ray's object store too, through the registry
+(``run.weight_transport``; ``actors/registry.py``), so subscribers on any node reload from memory.
 
 Each worker samples its own batch with ``current_version`` = the version being trained *from*, so with
 ``buffer.max_staleness = 0`` training after publishing version n waits until producers have made
@@ -140,7 +147,7 @@ def run_training(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=train_workers(cfg), use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             storage_path=str(storage),
@@ -154,24 +161,47 @@ def run_training(
     return trainer.fit()
 
 
+def train_workers(cfg: ScritConfig) -> int | tuple[int, int]:
+    """``ScalingConfig.num_workers``: a fixed count, or ``(min, max)`` for elastic training."""
+    low = cfg.train.min_workers
+    return cfg.train.num_workers if low is None or low >= cfg.train.num_workers else (low, cfg.train.num_workers)
+
+
 class TrainerThread:
     """``run_training`` in a background thread of the driver (``TorchTrainer.fit`` blocks): the driver
-    watches ``done`` and reads ``error`` while the pipeline keeps producing."""
+    watches ``done`` and reads ``error`` while the pipeline keeps producing.
+
+    A ``ControllerError`` (Ray Train's controller failed, e.g. on a worker whose node vanished while
+    the group was being started or stopped) starts training again, up to ``faults.train_max_failures``
+    times; each such restart is appended to ``restarts`` for the driver to report."""
 
     def __init__(self, cfg: ScritConfig, run_dir: str | os.PathLike[str], buffer_name: str, registry_name: str,
                  start_version: int, *, namespace: str | None = None, chat_template: bool = False) -> None:
         import threading
 
         self.error: BaseException | None = None
+        self.restarts: list[dict[str, Any]] = []
         self.done = threading.Event()
+        self.max_restarts = cfg.faults.train_max_failures
         args = (cfg, run_dir, buffer_name, registry_name, start_version)
         options = {"namespace": namespace, "chat_template": chat_template}
         self.thread = threading.Thread(target=self._run, args=(args, options), name="scrit-trainer", daemon=True)
         self.thread.start()
 
     def _run(self, args: tuple[Any, ...], options: dict[str, Any]) -> None:
+        from ray.train import ControllerError
+
         try:
-            run_training(*args, **options)
+            while True:
+                try:
+                    run_training(*args, **options)
+                    return
+                except ControllerError as error:
+                    if len(self.restarts) >= self.max_restarts:
+                        raise
+                    message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    log.warning("Ray Train's controller failed (%s); training starts again", message)
+                    self.restarts.append({"time": time.time(), "error": message})
         except BaseException as error:  # noqa: BLE001 - surfaced by the driver
             self.error = error
         finally:
