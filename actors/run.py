@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 BUFFER_NAME = "scrit-buffer"
 REGISTRY_NAME = "scrit-registry"
 NO_PLACEMENT: dict[str, Any] = {"restarts": {}, "restart_log": [], "placement": {}, "nodes": {}}
+EVAL_RETRIES = 5  # an evaluation lost with its actor, engine or node is asked again this often
 COUNTS = ("problems", "solutions", "solutions_correct", "critiques", "parsed", "consistent", "validated", "kept")
 
 
@@ -78,6 +79,7 @@ class SelfPlayRun:
         self.evals: dict[int, dict[str, Any]] = {}
         self.pending_evals: dict[Any, int] = {}  # evaluation ref -> the version asked for
         self.skipped_evals: set[int] = set()
+        self.eval_losses: dict[int, int] = {}  # version -> evaluations of it lost with their actor or node
         self.registry: Any = None
         self.buffer: Any = None
         self.evaluator: Any = None
@@ -147,9 +149,12 @@ class SelfPlayRun:
         # Actors restart after a crash (or on another node after theirs is lost) and rebuild their state
         # from the run directory's files.
         restarts = {"max_restarts": cfg.faults.actor_max_restarts, "max_task_retries": cfg.faults.actor_task_retries}
-        # The run's state lives on the driver's node (soft: elsewhere if that node has no room).
+        # The run's state lives on the driver's node. Hard affinity when it needs no CPUs (it always fits
+        # there): Ray places a soft-affine actor that asks for no resources on a random node (ray#25360
+        # fixed only hard affinity), so a lost worker node would take the buffer and registry with it.
+        # With state_num_cpus > 0 soft, so a driver's node without room does not leave them unplaced.
         state = {**restarts, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=True)}
+            ray.get_runtime_context().get_node_id(), soft=cfg.resources.state_num_cpus > 0)}
         self.registry = weight_registry_actor(self.run_dir, self.seed_uri, num_cpus=cfg.resources.state_num_cpus,
                                               name=REGISTRY_NAME, actor_options=state)
         self.buffer = replay_buffer_actor(num_cpus=cfg.resources.state_num_cpus,
@@ -300,8 +305,9 @@ class SelfPlayRun:
             self.pending_evals[self.evaluator.evaluate.remote(version)] = version
 
     def _collect_evals(self, wait: bool = False) -> None:
-        """Record finished evaluations. One that fails is logged (``eval_error``) and the run goes on:
-        the scores are a window on the run, like the endpoint."""
+        """Record finished evaluations. One lost with its evaluator or engine (a process died, a node was
+        lost) is asked again, up to ``EVAL_RETRIES`` times (``eval_retry``); one that fails otherwise is
+        logged (``eval_error``) and the run goes on: the scores are a window on the run, like the endpoint."""
         import ray
 
         while self.pending_evals:
@@ -312,6 +318,12 @@ class SelfPlayRun:
             try:
                 scores = ray.get(ready[0])
             except Exception as error:  # noqa: BLE001 - see the docstring
+                lost = self.eval_losses.get(asked, 0)
+                if _lost_process(error) and lost < EVAL_RETRIES:  # its actor, engine or node went: ask again
+                    self.eval_losses[asked] = lost + 1
+                    self.on_event(self.events.write("eval_retry", version=asked, attempt=lost + 1,
+                                                    error=f"{type(error).__name__}: {str(error).splitlines()[0]}"))
+                    continue  # _schedule_evals queues it again on the restarted evaluator
                 self.skipped_evals.add(asked)
                 self._log_failure(error)
                 self.on_event(self.events.write("eval_error", version=asked,
@@ -338,8 +350,11 @@ class SelfPlayRun:
                     self._record_batch(report, -1)
             latest = ray.get(self.registry.latest.remote()) if self.registry is not None else None
             if status == "completed" and latest is not None:
-                self._schedule_evals(latest.version)
-                self._collect_evals(wait=True)
+                for _ in range(EVAL_RETRIES + 1):  # an evaluation lost with its node is asked again
+                    self._schedule_evals(latest.version)
+                    if not self.pending_evals:
+                        break
+                    self._collect_evals(wait=True)
         except KeyboardInterrupt:
             status = "interrupted"
         except Exception as error:  # noqa: BLE001 - finishing must still write the summary
@@ -447,3 +462,15 @@ class SelfPlayRun:
         except Exception as error:  # noqa: BLE001 - the summary of a 15-minute run matters more
             self._log_failure(error)
             return fallback
+
+
+def _lost_process(error: BaseException) -> bool:
+    """Whether ``error`` says a process the call ran in, or called, went away (died, or its node was
+    lost) rather than that the call itself failed: then asking again, once it restarted, is right."""
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    from scrit.actors.engines import EngineUnavailable
+
+    if isinstance(error, (RayActorError, ActorUnavailableError, EngineUnavailable)):
+        return True
+    return isinstance(error, RayTaskError) and isinstance(getattr(error, "cause", None), EngineUnavailable)

@@ -75,6 +75,8 @@ class RunDisplay:
                                f"{event['error']})")
         elif kind == "node_lost":
             self.console.print(f"[bold yellow]node {event['node']} lost[/]: its actors restart on the nodes left")
+        elif kind == "eval_retry":
+            self.console.print(f"[bold yellow]evaluation of version {event['version']} asked again[/] ({event['error']})")
         elif kind == "trainer_restart":
             self.console.print(f"[bold yellow]training starts again[/] (Ray Train's controller failed: {event['error']})")
         elif kind == "buffer_repaired":

@@ -40,3 +40,18 @@ def test_restarts_are_named_by_whether_the_old_process_node_died() -> None:
                                         "nodes": watch.summary()}))
     assert "## Where it ran" in lines and "lost: 10.0.0.1/aaaaaaaa" in lines
     assert f"| trainer.rank0 | 110.0 | {NODE_LOST} |" in lines
+
+
+def test_a_call_lost_with_its_process_is_told_from_one_that_failed() -> None:
+    """Evaluations lost with their evaluator, engine or node are asked again; a failing one is not."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from scrit.actors.engines import EngineUnavailable
+    from scrit.actors.run import _lost_process
+    from scrit.actors.shells import StageFailed
+
+    assert _lost_process(RayActorError())
+    assert _lost_process(ActorUnavailableError("node gone", b"\0" * 16))
+    assert _lost_process(EngineUnavailable("engines.0", "RayActorError: died"))
+    assert not _lost_process(StageFailed("evaluator.0", "ValueError: bad prompt"))
+    assert not _lost_process(ValueError("bad"))
