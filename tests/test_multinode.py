@@ -181,9 +181,14 @@ def test_ray_job_submit_to_the_cluster_head(two_workers: LocalCluster, tmp_path:
         return subprocess.run([str(BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout)
 
-    submitted = ray("job", "submit", "--address", two_workers.dashboard_url, "--submission-id", job_id, "--no-wait",
-                    "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml", "--",
-                    "scrit", "run", "--config", "configs/tiny-test.yaml", "--run-dir", str(run_dir))
+    deadline = time.monotonic() + 120
+    while True:  # a fresh head's job agent takes a while to come up ("No available agent to submit job")
+        submitted = ray("job", "submit", "--address", two_workers.dashboard_url, "--submission-id", job_id, "--no-wait",
+                        "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml", "--",
+                        "scrit", "run", "--config", "configs/tiny-test.yaml", "--run-dir", str(run_dir))
+        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     deadline, status = time.monotonic() + 900, ""
     while time.monotonic() < deadline:
