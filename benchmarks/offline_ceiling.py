@@ -1,7 +1,7 @@
 """What the critic could reach with perfect data: an upper bound for the self-play loop, never part of it.
 
     .venv/bin/python benchmarks/offline_ceiling.py OUT_DIR [--model seed] [--steps 200] [--lr 3e-4]
-        [--kinds uniform|careless] [--pool 0]
+        [--kinds uniform|careless] [--pool 0] [--verdict-weight 1] [--result-weight 1] [--correction-weight 1]
     .venv/bin/scrit eval --model OUT_DIR --bench arith --mode direct --limit 1000 --backend vllm
 
 It fine-tunes a critic exactly as the trainer does (``encode_examples`` + ``sft_loss``, batches of 8,
@@ -38,7 +38,7 @@ def main() -> None:
     from scrit.messages import TrainingExample
     from scrit.prompts import critic_prompt
     from scrit.seed.corpus import arith_critique
-    from scrit.train.sft import encode_examples, sft_loss
+    from scrit.train.sft import LossWeights, encode_examples, sft_loss
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--kinds", choices=("uniform", "careless"), default="uniform")
     parser.add_argument("--pool", type=int, default=0, help="draw from this many fixed examples (0 = always fresh)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verdict-weight", type=float, default=1.0, help="train.verdict_weight")
+    parser.add_argument("--result-weight", type=float, default=1.0, help="train.result_weight")
+    parser.add_argument("--correction-weight", type=float, default=1.0, help="train.correction_weight")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # one core, like the loop's trainer on this machine
@@ -65,6 +68,7 @@ def main() -> None:
                                student_correct=steps == problem.correct_steps(), problem_id="offline", version=0)
 
     pool = [example() for _ in range(args.pool)] if args.pool else None
+    loss_weights = LossWeights(args.verdict_weight, args.result_weight, args.correction_weight)
     model_path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -75,7 +79,8 @@ def main() -> None:
     with Progress() as progress:
         task = progress.add_task("offline SFT", total=args.steps)
         for _ in range(args.steps):
-            batch = encode_examples(tokenizer, [rng.choice(pool) if pool else example() for _ in range(8)], 1024)
+            batch = encode_examples(tokenizer, [rng.choice(pool) if pool else example() for _ in range(8)], 1024,
+                                    weights=loss_weights)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss, _ = sft_loss(model, batch)
             loss.backward()

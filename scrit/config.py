@@ -190,6 +190,11 @@ class TrainConfig(_Section):
     # constant: keep the rate after the warm-up
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     max_grad_norm: Positive = 1.0
+    # Loss weight per target token (train/sft.py LossWeights): the verdict words, every computed result
+    # (the Y of "X op N = Y"), every token of a real correction. All 1.0 = the plain per-token mean.
+    verdict_weight: Positive = 1.0
+    result_weight: Positive = 1.0
+    correction_weight: Positive = 1.0
 
 
 class ResourcesConfig(_Section):

@@ -146,6 +146,36 @@ def corrector_prompt(problem: str, solution: str, critique: str, style: str = "c
     return f"{head}\nProblem: {problem}\nStudent:\n{solution}\n{CRITIQUE_START}{body}\n{CORRECTION_MARKER}"
 
 
+VERDICT_SPAN = re.compile(r"(?<=: )(correct|wrong)$|(?<=^Conclusion: ).*$", re.MULTILINE)
+COMPUTED_RESULT_SPAN = re.compile(r"(?<== )-?\d+")  # the computed Y of every "X op N = Y"
+
+
+def target_loss_weights(target: str, *, verdict: float = 1.0, result: float = 1.0,
+                        correction: float = 1.0) -> list[float]:
+    """A loss weight per character of a training target (a critique or a solution).
+
+    Most of a critique is copied text; what decides the scores is a few characters: the verdict words
+    (EI-F1) and the numbers the critic computes, above all in the correction (CC-Acc). Every character
+    after a ``Correction:`` line that opens a real correction (not ``none needed``) weighs
+    ``correction``; every computed result ``Y`` of ``X op N = Y`` is multiplied by ``result``; the
+    verdict words and the conclusion weigh ``verdict``. All 1.0 is the plain per-token mean.
+    """
+    weights = [1.0] * len(target)
+    marker = target.find(CORRECTION_MARKER + "\n")
+    if marker >= 0 and correction != 1.0:
+        for i in range(marker + len(CORRECTION_MARKER) + 1, len(target)):
+            weights[i] = correction
+    if result != 1.0:
+        for match in COMPUTED_RESULT_SPAN.finditer(target):
+            for i in range(match.start(), match.end()):
+                weights[i] *= result
+    if verdict != 1.0:
+        for match in VERDICT_SPAN.finditer(target):
+            for i in range(match.start(), match.end()):
+                weights[i] = verdict
+    return weights
+
+
 def step_line(index: int, checked: str, correct: bool) -> str:
     """``Step k: <checked>: correct|wrong`` with k = index + 1."""
     return f"Step {index + 1}: {checked}: {'correct' if correct else 'wrong'}"

@@ -154,3 +154,60 @@ def test_width_is_rounded_to_a_few_shapes_and_padding_changes_no_loss(tok, model
     assert encode_examples(tok, examples, max_seq_len=40)["input_ids"].shape[1] <= 40
     with torch.no_grad():
         assert torch.allclose(sft_loss(model, tight)[0], sft_loss(model, rounded)[0], atol=1e-5)
+
+
+CRITIQUE = (
+    "Step 1: 3 + 4 = 7, expected 3 + 4 = 7: correct\n"
+    "Step 2: 7 * 2 = 16, expected 7 * 2 = 14: wrong\n"
+    "Conclusion: incorrect, first wrong step 2\n"
+    "Correction:\n"
+    "Step 2: 7 * 2 = 14\n"
+    "The answer is \\boxed{14}."
+)
+
+
+def test_target_loss_weights_mark_verdicts_results_and_the_correction() -> None:
+    from scrit.prompts import target_loss_weights
+
+    weights = target_loss_weights(CRITIQUE, verdict=4.0, result=2.0, correction=3.0)
+    marked = {CRITIQUE[i] if w != 1.0 else "_" for i, w in enumerate(weights)}
+    assert len(weights) == len(CRITIQUE) and marked != {"_"}
+    start = CRITIQUE.index("Correction:\n") + len("Correction:\n")
+    assert set(weights[start:]) == {3.0, 6.0}  # the whole correction; its computed result 14 x 2
+    assert weights[CRITIQUE.index("= 14\nThe") + 2] == 6.0
+    wrong = CRITIQUE.index("wrong")
+    assert weights[wrong:wrong + 5] == [4.0] * 5
+    conclusion = CRITIQUE.index("incorrect, first")
+    assert weights[conclusion] == 4.0 and weights[CRITIQUE.index("Conclusion")] == 1.0
+    assert weights[CRITIQUE.index("= 16") + 2] == 2.0 and weights[CRITIQUE.index("Step 1")] == 1.0
+    none_needed = "Step 1: 3 + 4 = 7: correct\nConclusion: correct, no wrong step\nCorrection: none needed\n"
+    assert max(target_loss_weights(none_needed, correction=3.0)) == 1.0  # nothing to correct
+    assert target_loss_weights(CRITIQUE) == [1.0] * len(CRITIQUE)
+
+
+def test_weighted_loss_puts_each_tokens_weight_on_its_own_loss(tok, model) -> None:
+    from scrit.prompts import target_loss_weights
+    from scrit.train.sft import LossWeights
+
+    examples = [ex("Q: 7*2", CRITIQUE, correct=False), ex("Q", "Step 1: 3 + 4 = 7: correct")]
+    plain = encode_examples(tok, examples, max_seq_len=512)
+    assert "loss_weights" not in plain and "loss_weights" not in encode_examples(
+        tok, examples, max_seq_len=512, weights=LossWeights())
+    weighted = encode_examples(tok, examples, max_seq_len=512, weights=LossWeights(4.0, 2.0, 3.0))
+    w = weighted["loss_weights"]
+    assert torch.equal(weighted["input_ids"], plain["input_ids"]) and w.shape == plain["labels"].shape
+    assert torch.equal(w > 0, plain["labels"] != IGNORE_INDEX)  # target tokens and EOS only
+    n_prompt = 1 + len("Q: 7*2")
+    assert w[0, n_prompt:n_prompt + len(CRITIQUE)].tolist() == pytest.approx(
+        target_loss_weights(CRITIQUE, verdict=4.0, result=2.0, correction=3.0))
+    assert w[0, n_prompt + len(CRITIQUE)] == 1.0  # EOS
+    with torch.no_grad():
+        loss, n_tokens = sft_loss(model, weighted)
+        losses = token_losses(model(input_ids=plain["input_ids"]).logits, plain["labels"])
+        plain_loss, _ = sft_loss(model, plain)
+    assert n_tokens == int((plain["labels"] != IGNORE_INDEX).sum())
+    assert loss.item() == pytest.approx(((losses * w).sum() / w.sum()).item(), rel=1e-5)
+    assert abs(loss.item() - plain_loss.item()) > 1e-4  # the weights moved the loss
+    doubled = dict(plain, loss_weights=(plain["labels"] != IGNORE_INDEX).float() * 2.0)
+    with torch.no_grad():
+        assert sft_loss(model, doubled)[0].item() == pytest.approx(plain_loss.item(), rel=1e-5)  # same scale

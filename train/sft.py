@@ -14,14 +14,30 @@ the critic learns to stop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from scrit.messages import TrainingExample
+from scrit.prompts import target_loss_weights
 
-__all__ = ["IGNORE_INDEX", "encode_examples", "token_losses", "sft_loss"]
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Per-token loss weights on a critique target (``scrit.prompts.target_loss_weights``): the
+    verdict words, the computed results, the correction. All 1.0 = the plain mean."""
+
+    verdict: float = 1.0
+    result: float = 1.0
+    correction: float = 1.0
+
+    @property
+    def uniform(self) -> bool:
+        return self.verdict == self.result == self.correction == 1.0
+
+__all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "token_losses", "sft_loss"]
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
 
@@ -52,12 +68,16 @@ def encode_examples(
     *,
     chat_template: bool = False,
     pad_to_multiple_of: int = 64,
+    weights: LossWeights | None = None,
 ) -> dict[str, Any]:
     """Tokenise a batch for causal-LM SFT with the loss on target tokens only.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (LongTensors, shape ``(B, T)``, right
     padded: left padding buys nothing in training and right padding keeps position ids trivial) and
     ``num_skipped`` (int). ``labels`` is ``-100`` on every prompt token and every pad position.
+    With ``weights`` that are not all 1 it also returns ``loss_weights`` (float, same shape): each
+    target token's weight (``scrit.prompts.target_loss_weights``, the largest over the token's
+    characters), 1 for EOS, 0 elsewhere; ``sft_loss`` then takes the weighted mean.
 
     The width is rounded up to a multiple of ``pad_to_multiple_of`` (at most ``max_seq_len``): per-shape
     caches (oneDNN's primitives among them) then see a few widths, not one per batch. With a new width
@@ -78,11 +98,17 @@ def encode_examples(
         raise ValueError("the tokenizer has no EOS token; the critic could not learn to stop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
+    weighted = weights is not None and not weights.uniform
     rows: list[tuple[list[int], int]] = []  # (ids, number of prompt tokens)
+    row_weights: list[list[float]] = []  # per target token (EOS included), when weighted
     skipped = 0
     for example in examples:
         prompt = _prompt_ids(tokenizer, example.prompt, chat_template)
-        target = list(tokenizer(example.target, add_special_tokens=False)["input_ids"]) + [eos]
+        if weighted:
+            target, target_weights = _weighted_target(tokenizer, example.target, weights)
+        else:
+            target = list(tokenizer(example.target, add_special_tokens=False)["input_ids"])
+        target.append(eos)
         room = max_seq_len - len(target)  # tokens left for the prompt
         if room < 1 or not prompt:
             skipped += 1
@@ -92,6 +118,8 @@ def encode_examples(
             tail = room - head
             prompt = prompt[:head] + prompt[len(prompt) - tail :]
         rows.append((prompt + target, len(prompt)))
+        if weighted:
+            row_weights.append(target_weights + [1.0])
 
     width = max((len(ids) for ids, _ in rows), default=0)
     if width and pad_to_multiple_of > 1:
@@ -104,7 +132,22 @@ def encode_examples(
         input_ids[row, : len(ids)] = values
         attention_mask[row, : len(ids)] = 1
         labels[row, n_prompt : len(ids)] = values[n_prompt:]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_skipped": skipped}
+    encoded = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_skipped": skipped}
+    if weighted:
+        loss_weights = torch.zeros((len(rows), width), dtype=torch.float32)
+        for row, ((ids, n_prompt), target_weights) in enumerate(zip(rows, row_weights)):
+            loss_weights[row, n_prompt : len(ids)] = torch.tensor(target_weights)
+        encoded["loss_weights"] = loss_weights
+    return encoded
+
+
+def _weighted_target(tokenizer: Any, target: str, weights: LossWeights) -> tuple[list[int], list[float]]:
+    """The target's token ids and a weight per token: the largest character weight in its span."""
+    encoded = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+    chars = target_loss_weights(target, verdict=weights.verdict, result=weights.result,
+                                correction=weights.correction)
+    token_weights = [max(chars[start:end], default=1.0) for start, end in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), token_weights
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -126,7 +169,9 @@ def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the target tokens of ``batch`` and how many target tokens there were.
 
     The mean is per token (not per example), so a long critique weighs in proportion to its length,
-    the usual SFT convention. ``model`` may be wrapped (DDP, DeepSpeed engine): it is only called.
+    the usual SFT convention; with ``loss_weights`` in the batch it is the weighted mean (the same
+    scale, the weight moved onto the tokens that carry it). ``model`` may be wrapped (DDP, DeepSpeed
+    engine): it is only called.
     """
     labels = batch["labels"]
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -134,4 +179,7 @@ def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum().item())
     if n_tokens == 0:  # keeps the graph (and any collective in backward) alive with a zero loss
         return outputs.logits.sum() * 0.0, 0
+    if "loss_weights" in batch:
+        weights = batch["loss_weights"].to(losses.device)
+        return (losses * weights).sum() / weights[:, 1:].sum(), n_tokens
     return losses.sum() / n_tokens, n_tokens

@@ -303,7 +303,7 @@ def _sample_batch(
     """
     import ray
 
-    from scrit.train.sft import encode_examples
+    from scrit.train.sft import LossWeights, encode_examples
 
     from scrit.memory import release_free_memory
 
@@ -317,7 +317,9 @@ def _sample_batch(
             )
             if examples:
                 encoded = encode_examples(
-                    tokenizer, examples, int(train["max_seq_len"]), chat_template=settings["chat_template"]
+                    tokenizer, examples, int(train["max_seq_len"]), chat_template=settings["chat_template"],
+                    weights=LossWeights(float(train["verdict_weight"]), float(train["result_weight"]),
+                                        float(train["correction_weight"])),
                 )
                 stats["skipped"] += encoded["num_skipped"]
                 if encoded["input_ids"].shape[0] > 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,11 +18,10 @@ from typing import Callable
 
 import torch
 
+from scrit.prompts import target_loss_weights
 from scrit.seed.corpus import CARELESS_MIX, DEFAULT_MIX, PHASE2_MIX, PHASE3_MIX, Example, sample_example
 from scrit.seed.tokenizer import build_char_tokenizer
 
-_VERDICT_SPAN = re.compile(r"(?<=: )(correct|wrong)$|(?<=^Conclusion: ).*$", re.MULTILINE)
-_RESULT_SPAN = re.compile(r"(?<== )-?\d+")  # the computed Y of every "X op N = Y"
 
 
 @dataclass
@@ -133,15 +131,9 @@ def encode_example(example: Example, char_ids: dict[str, int], bos: int, eos: in
     ids = [bos] + [char_ids.get(c, unk) for c in text] + [eos]
     weights = [0.0] * len(ids)
     offset = 1 + len(example.prompt)
-    for i in range(offset, len(ids)):
-        weights[i] = 1.0
-    if recipe.result_weight != 1.0:
-        for match in _RESULT_SPAN.finditer(example.target):
-            for i in range(match.start(), match.end()):
-                weights[offset + i] = recipe.result_weight
-    for match in _VERDICT_SPAN.finditer(example.target):
-        for i in range(match.start(), match.end()):
-            weights[offset + i] = recipe.verdict_weight
+    weights[offset:offset + len(example.target)] = target_loss_weights(
+        example.target, verdict=recipe.verdict_weight, result=recipe.result_weight)
+    weights[-1] = 1.0  # EOS
     if example.reference_span and recipe.reference_weight > 0:
         start, end = example.reference_span
         for i in range(start, end):
