@@ -101,6 +101,12 @@ class SelfPlayRun:
         self.events = EventLog(self.run_dir / "metrics.jsonl", self.started)
         started_ray = not ray.is_initialized()
         if started_ray:
+            # torch loads before Ray starts: as a Ray job's driver on a cluster built by
+            # ray.cluster_utils (tests/test_multinode.py), loading libtorch after ray.init() aborts the
+            # process ("Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so", then a segfault);
+            # loaded before, it works. Cause not found; the driver needs torch later anyway.
+            import torch  # noqa: F401
+
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, namespace=self.namespace,
                      log_to_driver=False, include_dashboard=False)
         else:

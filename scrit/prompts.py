@@ -147,7 +147,9 @@ def corrector_prompt(problem: str, solution: str, critique: str, style: str = "c
 
 
 VERDICT_SPAN = re.compile(r"(?<=: )(correct|wrong)$|(?<=^Conclusion: ).*$", re.MULTILINE)
-COMPUTED_RESULT_SPAN = re.compile(r"(?<== )-?\d+")  # the computed Y of every "X op N = Y"
+# The Y of every "X op N = Y" the writer computes: all of a solution's, a critique's expected steps and
+# correction; not the student's step a critique line quotes before ", expected".
+COMPUTED_RESULT_SPAN = re.compile(r"(?<== )-?\d+(?!\d|, expected)")
 
 
 def target_loss_weights(target: str, *, verdict: float = 1.0, result: float = 1.0,
@@ -155,7 +157,8 @@ def target_loss_weights(target: str, *, verdict: float = 1.0, result: float = 1.
     """A loss weight per character of a training target (a critique or a solution).
 
     Most of a critique is copied text; what decides the scores is a few characters: the verdict words
-    (EI-F1) and the numbers the critic computes, above all in the correction (CC-Acc). Every character
+    (EI-F1) and the numbers the critic computes: each expected step's result (a critic that copies
+    the student's result there calls a wrong step correct) and the correction's (CC-Acc). Every character
     after a ``Correction:`` line that opens a real correction (not ``none needed``) weighs
     ``correction``; every computed result ``Y`` of ``X op N = Y`` is multiplied by ``result``; the
     verdict words and the conclusion weigh ``verdict``. All 1.0 is the plain per-token mean.

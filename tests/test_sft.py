@@ -179,7 +179,9 @@ def test_target_loss_weights_mark_verdicts_results_and_the_correction() -> None:
     assert weights[wrong:wrong + 5] == [4.0] * 5
     conclusion = CRITIQUE.index("incorrect, first")
     assert weights[conclusion] == 4.0 and weights[CRITIQUE.index("Conclusion")] == 1.0
-    assert weights[CRITIQUE.index("= 16") + 2] == 2.0 and weights[CRITIQUE.index("Step 1")] == 1.0
+    assert weights[CRITIQUE.index("= 14: wrong") + 2] == 2.0  # the expected step's result: computed
+    assert weights[CRITIQUE.index("= 16") + 2] == 1.0  # the student's result, quoted
+    assert weights[CRITIQUE.index("Step 1")] == 1.0
     none_needed = "Step 1: 3 + 4 = 7: correct\nConclusion: correct, no wrong step\nCorrection: none needed\n"
     assert max(target_loss_weights(none_needed, correction=3.0)) == 1.0  # nothing to correct
     assert target_loss_weights(CRITIQUE) == [1.0] * len(CRITIQUE)
