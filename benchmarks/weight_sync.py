@@ -34,8 +34,10 @@ examples before/after and failed endpoint requests.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -96,6 +98,8 @@ def sync_model(model: str, args: argparse.Namespace, workers: list[str], namespa
     print(f"[{model}] writing {args.publishes} perturbed versions of {source} ...", flush=True)
     versions = [save_perturbed(source, run_dir / "versions" / f"v{v:04d}", seed=v) for v in range(1, args.publishes + 1)]
     cfg = default_config()
+    if model != "seed":  # SmolLM2's own 8192 needs more KV cache than a CPU engine's 0.25 GiB (the seed has 1024)
+        cfg.vllm.max_model_len = 2048
     spec = engine_spec(cfg, CRITIC_ENGINE, source, args.backend, resolve_prompt_style(source, "auto"), follows=True,
                        num_cpus=0.2)
     registry_name = f"sync-registry-{model}"
@@ -174,26 +178,37 @@ def main() -> None:
     parser.add_argument("--node-loss", default="trainer.rank0,evaluator.0",
                         help="components whose node a tiny run loses, one run each ('' = none)")
     parser.add_argument("--tries", type=int, default=1, help="node-loss runs per component (one cluster for all)")
+    parser.add_argument("--sync-on", help=argparse.SUPPRESS)  # internal: worker node ids; join RAY_ADDRESS
     args = parser.parse_args()
 
-    import ray
+    if args.sync_on:  # the child that joins the cluster (see below) and prints its rows as JSON
+        import ray
+
+        namespace = "weight-sync"
+        ray.init(address=os.environ["RAY_ADDRESS"], namespace=namespace, log_to_driver=False)
+        rows = [row for model in args.models.split(",") for row in sync_model(model, args, args.sync_on.split(","), namespace)]
+        print("ROWS " + json.dumps([{**row, "arrived": sorted(row["arrived"])} for row in rows]), flush=True)
+        return
 
     from scrit.actors.local_cluster import LocalCluster, free_port, run_losing_node
 
     rows: list[dict[str, Any]] = []
     if args.models:
         with LocalCluster(workers=2, worker_cpus=1, head_cpus=0, object_store_mb=1500) as cluster:
-            saved = dict(os.environ)
-            os.environ.update(cluster.client_env())  # this process joins the cluster with its token
-            namespace = "weight-sync"
-            ray.init(address=cluster.address, namespace=namespace, log_to_driver=False)
-            try:
-                for model in args.models.split(","):
-                    rows += sync_model(model, args, cluster.workers, namespace)
-            finally:
-                ray.shutdown()
-                os.environ.clear()
-                os.environ.update(saved)
+            # A child process joins the cluster: Ray reads the token settings (RAY_AUTH_MODE) when it is
+            # imported, so a process that imported Ray before the cluster existed cannot join it.
+            command = [sys.executable, __file__, "--models", args.models, "--publishes", str(args.publishes),
+                       "--subscribers", str(args.subscribers), "--backend", args.backend,
+                       "--sync-on", ",".join(cluster.workers)]
+            child = subprocess.run(command, env=cluster.client_env(PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                                   text=True, timeout=3600)
+            for line in child.stdout.splitlines():
+                if line.startswith("ROWS "):
+                    rows = json.loads(line[len("ROWS "):])
+                else:
+                    print(line)
+            if child.returncode:
+                raise SystemExit(f"the weight-sync child failed with exit code {child.returncode}")
     losses = []
     components = [c for c in args.node_loss.split(",") if c]
     if components:

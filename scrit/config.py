@@ -193,7 +193,7 @@ class TrainConfig(_Section):
     # Loss weight per target token (train/sft.py LossWeights): the verdict words, every computed result
     # (the Y of "X op N = Y"), every token of a real correction. All 1.0 = the plain per-token mean.
     verdict_weight: Positive = 1.0
-    result_weight: Positive = 1.0
+    result_weight: Positive = 3.0  # x3: measured in docs/learning.md (issue 18, second pass)
     correction_weight: Positive = 1.0
 
 
