@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from scrit.messages import TrainingExample
 from scrit.prompts import target_loss_weights
 
+__all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "token_losses", "sft_loss"]
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -37,7 +39,6 @@ class LossWeights:
     def uniform(self) -> bool:
         return self.verdict == self.result == self.correction == 1.0
 
-__all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "token_losses", "sft_loss"]
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
 
@@ -75,7 +76,7 @@ def encode_examples(
     Returns ``input_ids``, ``attention_mask``, ``labels`` (LongTensors, shape ``(B, T)``, right
     padded: left padding buys nothing in training and right padding keeps position ids trivial) and
     ``num_skipped`` (int). ``labels`` is ``-100`` on every prompt token and every pad position.
-    With ``weights`` that are not all 1 it also returns ``loss_weights`` (float, same shape): each
+    With ``weights`` that are not all 1 (and a fast tokenizer) it also returns ``loss_weights`` (float, same shape): each
     target token's weight (``scrit.prompts.target_loss_weights``, the largest over the token's
     characters), 1 for EOS, 0 elsewhere; ``sft_loss`` then takes the weighted mean.
 
@@ -98,7 +99,8 @@ def encode_examples(
         raise ValueError("the tokenizer has no EOS token; the critic could not learn to stop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
-    weighted = weights is not None and not weights.uniform
+    # Weights map characters to tokens through offsets, which only fast (Rust) tokenizers give.
+    weighted = weights is not None and not weights.uniform and getattr(tokenizer, "is_fast", False)
     rows: list[tuple[list[int], int]] = []  # (ids, number of prompt tokens)
     row_weights: list[list[float]] = []  # per target token (EOS included), when weighted
     skipped = 0

@@ -23,7 +23,6 @@ from scrit.seed.corpus import CARELESS_MIX, DEFAULT_MIX, PHASE2_MIX, PHASE3_MIX,
 from scrit.seed.tokenizer import build_char_tokenizer
 
 
-
 @dataclass
 class SeedRecipe:
     seed: int = 1234
