@@ -133,12 +133,12 @@ def plot(paths: list[Path], out: Path) -> None:
     records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, key, title in ((axes[0], "ei_f1", "EI-F1 (direct)"), (axes[1], "cc_acc", "CC-Acc (direct)")):
-        for record in records:
+        for index, record in enumerate(records):  # one colour per run; solid 2-5 ops, dashed 6-8 ops
             for bench, style in (("arith", "-o"), ("arith-hard", "--s")):
                 points = [(row["examples"], row[bench][key]) for row in record["curve"] if row.get(bench)]
                 if points:
                     axis.plot(*zip(*points), style, label=f"{record['label']} ({'6-8 ops' if bench != 'arith' else '2-5 ops'})",
-                              markersize=4)
+                              markersize=4, color=plt.cm.tab10(index % 10))
         axis.set_title(title)
         axis.set_xlabel("examples trained on (optimizer steps x examples per step)")
         axis.grid(alpha=0.3)
