@@ -142,9 +142,9 @@ class LocalCluster:
         return reply
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Processes whose environment holds ``SCRIT_LOCAL_CLUSTER=marker``."""
-    needle = f"{MARKER}={marker}".encode()
+def marked_pids(marker: str, variable: str = MARKER) -> list[int]:
+    """Processes (not this one) whose environment holds ``variable=marker`` (``SCRIT_LOCAL_CLUSTER`` by default)."""
+    needle = f"{variable}={marker}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

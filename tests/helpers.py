@@ -4,19 +4,14 @@ subprocess, with its own Ray and nothing from a model hub."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from scrit.actors.local_cluster import free_port  # noqa: F401  (one free_port for tests and benchmarks)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-test.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrit_env(**extra: str) -> dict[str, str]:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from scrit.actors.local_cluster import marked_pids
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, scrit and python of this interpreter
 pytestmark = pytest.mark.slow
@@ -54,18 +56,7 @@ def _free_ports(n: int) -> list[int]:
 
 def _marked_pids(marker: str) -> list[int]:
     """PIDs of processes whose environment holds ``MARKER=marker`` (this head and everything it started)."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+    return marked_pids(marker, MARKER)
 
 
 def _kill_marked(marker: str, leader: subprocess.Popen | None, grace_s: float = 30.0) -> None:
