@@ -472,3 +472,21 @@ def test_put_batch_stores_a_batch_once_and_reports_it(tmp_path: Path) -> None:
     assert again["duplicate"] and again["kept"] == 0 and restarted.stats()["size"] == 4
     assert restarted.stats()["last_batch_id"] == 7
     restarted.close()
+
+
+def test_backpressure_with_a_reuse_cap_counts_the_draws_left(tmp_path: Path) -> None:
+    """With ``max_reuse`` an example drawn once is still two thirds of an example's training ahead:
+    producers wait until the trainer has used most of what it may still draw, not only the fresh ones."""
+    buf = ReplayBuffer(tmp_path, capacity=100, max_ahead=10, max_reuse=3)
+    _pool(buf, 6, 6)
+    assert buf.room() == 0  # 12 examples x 3 draws left = 12 examples' worth ahead
+    for _ in range(3):  # 12 draws: every example once
+        assert buf.sample(4, 0) is not None
+    assert buf.room() == 2  # 24 draws left / 3 = 8 ahead; counting fresh examples alone would say 10
+    for _ in range(3):  # every example twice
+        assert buf.sample(4, 0) is not None
+    assert buf.room() == 6  # 12 draws left = 4 examples' worth
+    for _ in range(3):  # a third time: all retired
+        assert buf.sample(4, 0) is not None
+    assert buf.room() == 10 and buf.sample(4, 0) is None
+    buf.close()
