@@ -135,6 +135,7 @@ class SelfPlayRun:
         from scrit.checkpoints import RegistryError, read_registry, remove_unpublished_checkpoints
         from scrit.factory import CRITIC_ENGINE, plan_run, run_demands
         from scrit.problems import ProblemSource
+        from scrit.train.budget import training_deadline
         from scrit.train.trainer import TrainerThread
 
         cfg = self.cfg
@@ -198,8 +199,9 @@ class SelfPlayRun:
             self.metrics_targets.watch()
         self._start_endpoint()
         self._schedule_evals(latest.version)
+        deadline = training_deadline(self.started, cfg.run.max_wall_seconds) if cfg.train.fit_wall_budget else None
         self.trainer = TrainerThread(cfg, self.run_dir, BUFFER_NAME, REGISTRY_NAME, latest.version,
-                                     namespace=self.namespace, chat_template=self.chat_template)
+                                     namespace=self.namespace, chat_template=self.chat_template, deadline=deadline)
 
     def _start_endpoint(self) -> None:
         """The critic's HTTP endpoint (``serve.enabled``), following this run's versions as they appear.

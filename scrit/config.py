@@ -182,6 +182,10 @@ class TrainConfig(_Section):
     batch_size: AtLeast1 = 4  # examples per micro-batch (x grad_accum = examples per optimizer step)
     grad_accum: AtLeast1 = 2  # 4 x 2: the activations of 4 examples at a time (the trainer's peak memory)
     steps_per_version: AtLeast1 = 50  # K: optimizer steps between published versions
+    # Fewer steps per version (steps_per_version at most) when the measured pace would not publish every
+    # version inside run.max_wall_seconds (less 10 % for the final evaluation): a slow machine finishes
+    # its versions and its learning-rate schedule instead of stopping part-way (train/budget.py).
+    fit_wall_budget: bool = True
     max_seq_len: Annotated[int, Meta(ge=16)] = 1024
     bf16: bool = True  # bf16 autocast is ~1.6x faster than fp32 on the dev CPUs
     weight_decay: NonNegative = 0.0

@@ -182,6 +182,32 @@ def test_deepspeed_zero2_two_workers_on_cpu(tmp_path: Path, seed_dir: Path) -> N
     assert os.environ.get("DS_ACCELERATOR") in (None, "cpu")  # the driver's env was not needed
 
 
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_a_trainer_behind_its_wall_budget_publishes_smaller_versions_and_ends_its_schedule(
+        tmp_path: Path, seed_dir: Path, strategy: str) -> None:
+    """A deadline already past (a machine far too slow for the budget): the steps per version are
+    re-planned down to MIN_STEPS_PER_VERSION, every version is still published, and the learning rate
+    reaches 0 at the last one (the re-planned schedule is the one the optimizer follows)."""
+    from scrit.train.budget import MIN_STEPS_PER_VERSION
+
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "run"
+    buffer = replay_buffer_actor(num_cpus=0.25, actor_options={"name": f"buf-budget-{strategy}"},
+                                 run_dir=str(run_dir), max_staleness=10, sync=False)
+    registry = weight_registry_actor(run_dir, seed_dir, name=f"reg-budget-{strategy}")
+    ray.get(buffer.put.remote(examples(40, version=0)))
+    cfg = make_cfg(f"budget-{strategy}", strategy, versions=2)
+    cfg.train.num_workers, cfg.train.steps_per_version = 1, 12
+    result = run_training(cfg, run_dir, f"buf-budget-{strategy}", f"reg-budget-{strategy}", deadline=time.time())
+    history = ray.get(registry.history.remote())
+    assert [v.step for v in history] == [0, MIN_STEPS_PER_VERSION, 2 * MIN_STEPS_PER_VERSION]  # not 12 and 24
+    assert list(result.metrics_dataframe["steps_per_version"]) == [MIN_STEPS_PER_VERSION] * 2
+    assert result.metrics["lr"] == pytest.approx(0.0)
+    ray.kill(buffer)
+    ray.kill(registry)
+
+
 def test_lr_schedule_warms_up_decays_to_zero_and_resumes_where_it_was() -> None:
     from scrit.train.trainer import lr_scheduler
 

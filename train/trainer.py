@@ -50,6 +50,7 @@ import msgspec
 
 from scrit.checkpoints import checkpoint_checksum, version_dir
 from scrit.messages import TrainingExample, WeightVersion
+from scrit.train.budget import StepBudget
 from scrit.weights import PackedWeights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +72,7 @@ SEED_INFO = "seed_info.json"  # marks the seed family (prompt-style detection); 
 TRAIN_INFO = "train_info.json"  # provenance of a published version
 POLL_S = 0.5  # how long a starving worker sleeps before asking the buffer again
 TRIM_EVERY = 1  # optimizer steps between handing freed memory back to the OS (scrit.memory; ~free)
+REPLAN_EVERY = 5  # optimizer steps between re-planning the steps per version for the wall budget
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,8 +88,11 @@ def build_train_loop_config(
     *,
     namespace: str | None = None,
     chat_template: bool = False,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """The plain-dict ``train_loop_config`` every worker receives (plain builtins pickle anywhere)."""
+    """The plain-dict ``train_loop_config`` every worker receives (plain builtins pickle anywhere).
+    ``deadline``: when (``time.time()``) the last version should be out (``train/budget.py``); None:
+    every version gets ``train.steps_per_version``."""
     return {
         "run_dir": str(Path(run_dir).resolve()),
         "buffer_name": buffer_name,
@@ -101,6 +106,7 @@ def build_train_loop_config(
         "weight_transport": cfg.run.weight_transport,
         "train": msgspec.to_builtins(cfg.train),
         "metrics_run": cfg.run.name if cfg.metrics.enabled else None,  # rank 0 exports Prometheus metrics
+        "deadline": deadline,
     }
 
 
@@ -113,6 +119,7 @@ def run_training(
     *,
     namespace: str | None = None,
     chat_template: bool = False,
+    deadline: float | None = None,
 ) -> Any:
     """Train until the registry holds version ``cfg.run.versions`` (or a stop is requested); blocks.
 
@@ -143,7 +150,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config=build_train_loop_config(
             cfg, run_dir, buffer_name, registry_name, start_version,
-            namespace=namespace, chat_template=chat_template,
+            namespace=namespace, chat_template=chat_template, deadline=deadline,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -176,7 +183,8 @@ class TrainerThread:
     times; each such restart is appended to ``restarts`` for the driver to report."""
 
     def __init__(self, cfg: ScritConfig, run_dir: str | os.PathLike[str], buffer_name: str, registry_name: str,
-                 start_version: int, *, namespace: str | None = None, chat_template: bool = False) -> None:
+                 start_version: int, *, namespace: str | None = None, chat_template: bool = False,
+                 deadline: float | None = None) -> None:
         import threading
 
         self.error: BaseException | None = None
@@ -184,7 +192,7 @@ class TrainerThread:
         self.done = threading.Event()
         self.max_restarts = cfg.faults.train_max_failures
         args = (cfg, run_dir, buffer_name, registry_name, start_version)
-        options = {"namespace": namespace, "chat_template": chat_template}
+        options = {"namespace": namespace, "chat_template": chat_template, "deadline": deadline}
         self.thread = threading.Thread(target=self._run, args=(args, options), name="scrit-trainer", daemon=True)
         self.thread.start()
 
@@ -473,7 +481,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16_supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     want_bf16 = bool(train["bf16"]) and bf16_supported
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(train["weight_decay"]))
-    total_steps = int(config["target_version"]) * int(train["steps_per_version"])
+    base_optimizer = optimizer  # a re-planned schedule is built on it (DeepSpeed wraps ``optimizer``)
+    steps_per_version = int(train["steps_per_version"])  # re-planned to fit the wall budget (train/budget.py)
+    budget = StepBudget(steps_per_version, config.get("deadline"))
+    total_steps = step + (target - version) * steps_per_version  # = versions x steps on a fresh run
     scheduler = lr_scheduler(optimizer, train, total_steps, step)
 
     published: WeightVersion | None = None
@@ -509,7 +520,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     micro = 0
     local_steps = 0
     parent_uri, parent_version = latest.uri, version
-    steps_per_version = int(train["steps_per_version"])
+    version_steps = 0  # optimizer steps since the last published version
+    first_step_at: float | None = None  # the pace is measured from the first step's end (not the model load)
     while version < target:
         batch = _sample_batch(buffer, registry, collective, tokenizer, config, version, stats)
         if batch is None:
@@ -549,12 +561,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         step += 1
         local_steps += 1
+        version_steps += 1
+        if first_step_at is None:
+            first_step_at = time.monotonic()
+        elif local_steps % REPLAN_EVERY == 0:
+            seconds_per_step = (time.monotonic() - first_step_at) / (local_steps - 1)
+            planned = budget.plan(time.time(), seconds_per_step, target - version, version_steps)
+            (negative,) = collective.max([-float(planned)])  # every rank takes the smallest plan
+            if int(-negative) != steps_per_version:
+                steps_per_version = int(-negative)
+                total_steps = (step - version_steps + max(version_steps, steps_per_version)
+                               + (target - version - 1) * steps_per_version)
+                scheduler = lr_scheduler(base_optimizer, train, max(total_steps, step + 1), step)
+                if engine is not None:
+                    engine.lr_scheduler = scheduler  # DeepSpeed steps the scheduler it holds
+                log.info("rank %d: %d steps per version to fit the wall budget (%.2f s per step, %d versions "
+                         "left)", rank, steps_per_version, seconds_per_step, target - version)
         if local_steps % TRIM_EVERY == 0:
             release_free_memory()  # bounds what freed activations of varying lengths leave resident
         if meter is not None:
             meter.step(step, window)
-        if local_steps % steps_per_version:
+        if version_steps < steps_per_version:
             continue
+        version_steps = 0
 
         # ---- publish a version -------------------------------------------------------------------
         version += 1
@@ -594,6 +623,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "tokens": tokens,  # all ranks, since the previous version
             "wall_s": time.monotonic() - window_started,  # sampling, waiting, compute and publishing
             "skipped_examples": skipped,
+            "steps_per_version": steps_per_version,  # as re-planned for the wall budget
         }
         if rank == 0:
             _append_train_metrics(config["run_dir"], metrics)
