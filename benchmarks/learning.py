@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/learning.py run  --label default-s1 [--set KEY=VALUE ...] [--taskset 0]
     .venv/bin/python benchmarks/learning.py eval --run-dir RUN_DIR --label NAME
-    .venv/bin/python benchmarks/learning.py plot [RESULTS.jsonl ...] --out docs/learning_curve.png
+    .venv/bin/python benchmarks/learning.py plot [RESULTS.jsonl ...] [--labels A,B] --out docs/learning_curve.png
 
 * ``run``: ``scrit run`` (the built-in default plus ``--set`` overrides) in a subprocess, optionally
   confined to fewer CPUs (``--taskset 0``: core 0 only, a machine half as fast) or beside a CPU hog
@@ -124,13 +124,19 @@ def _print(record: dict[str, Any]) -> None:
         print(f"  v{row['version']} ({row['examples']} examples): " + " | ".join(cells))
 
 
-def plot(paths: list[Path], out: Path) -> None:
+def plot(paths: list[Path], out: Path, labels: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    if labels:  # the runs asked for, in that order (the last record of a label wins)
+        by_label = {record["label"]: record for record in records}
+        missing = [label for label in labels if label not in by_label]
+        if missing:
+            raise SystemExit(f"no run labelled {', '.join(missing)} in {', '.join(map(str, paths))}")
+        records = [by_label[label] for label in labels]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, key, title in ((axes[0], "ei_f1", "EI-F1 (direct)"), (axes[1], "cc_acc", "CC-Acc (direct)")):
         for index, record in enumerate(records):  # one colour per run; solid 2-5 ops, dashed 6-8 ops
@@ -167,6 +173,7 @@ def main() -> None:
     plotting = sub.add_parser("plot")
     plotting.add_argument("paths", nargs="*", type=Path, default=[RESULTS])
     plotting.add_argument("--out", type=Path, default=ROOT / "docs" / "learning_curve.png")
+    plotting.add_argument("--labels", help="comma-separated run labels to plot (default: every run)")
     args = parser.parse_args()
     if args.command == "run":
         run_and_evaluate(args)
@@ -176,7 +183,7 @@ def main() -> None:
         _append(args.results, record)
         _print(record)
     else:
-        plot(args.paths, args.out)
+        plot(args.paths, args.out, args.labels.split(",") if args.labels else None)
 
 
 if __name__ == "__main__":

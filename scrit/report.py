@@ -123,6 +123,17 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
                    str(hard.get("n", "-")), *cells(hard, ("ei_f1", "cc_acc", "acc_cor"))]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    published = [e for e in train if "version" in e]
+    if published:  # steps per version can shrink to fit the wall budget (train.fit_wall_budget)
+        lines += ["## Training per version", "",
+                  "| version | optimizer step | steps in it | loss | learning rate at the end | tokens/s | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        previous = published[0]["step"] - int(published[0].get("steps_per_version") or published[0]["step"])
+        for e in published:
+            lines.append(f"| {e['version']} | {e['step']} | {e['step'] - previous} | {e.get('loss', 0):.4f} "
+                         f"| {e.get('lr', 0):.2e} | {e.get('tokens_per_s', 0):.0f} | {e.get('wall_s', 0):.0f} |")
+            previous = e["step"]
+        lines.append("")
     mix = summary.get("kept_error_kinds") or {}
     if mix:
         kinds = ["none", "result", "operand", "operation", "number", "other"]

@@ -19,12 +19,19 @@ def test_report_has_table_and_plots(tmp_path):
     ]
     lines = [json.dumps(e) for e in events]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "bat')  # torn tail
-    (tmp_path / "train_metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 5, "loss": 0.9}) + "\n")
+    (tmp_path / "train_metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+        {"kind": "train", "step": 50, "version": 1, "loss": 0.9, "lr": 2e-4, "tokens_per_s": 2400.0, "wall_s": 120.0,
+         "steps_per_version": 50},
+        {"kind": "train", "step": 72, "version": 2, "loss": 0.5, "lr": 0.0, "tokens_per_s": 2300.0, "wall_s": 60.0,
+         "steps_per_version": 22},  # re-planned for the wall budget
+    ]))
     assert len(read_events(tmp_path / "metrics.jsonl")) == 4
     report = write_report(tmp_path, {"versions": 1, "seed_model": "s", "final_model": "f", "wall_seconds": 12.0,
                                      "validator_enabled": True, "require_answer_match": True})
     text = report.read_text()
     assert "| 1 | 50 | 0.450 |" in text and "| 0 | 50 | 0.300 |" in text
+    assert "| 1 | 50 | 50 | 0.9000 | 2.00e-04 | 2400 | 120 |" in text  # training per version
+    assert "| 2 | 72 | 22 | 0.5000 | 0.00e+00 | 2300 | 60 |" in text
     for name in ("heldout_scores.png", "pass_rate.png", "buffer_size.png", "train_loss.png"):
         assert (tmp_path / name).stat().st_size > 1000
         assert f"({name})" in text
