@@ -25,11 +25,11 @@ Guarantees and choices:
   critic came to flag nearly every solution and the validator's pass rate fell to 0.15).
 * **Backpressure.** ``room()`` = ``max_ahead`` minus the examples the trainer can already use and has
   not drawn yet (fresh enough, in balanced batches; with ``max_reuse``, the draws they have left over
-  ``max_reuse``: an example drawn once counts two thirds at ``max_reuse: 3``), never below 0; the driver sends new batches into
-  the pipeline only while there is room. Producers thus run at most ``max_ahead`` usable examples
-  ahead of the trainer, and CPU or GPUs a faster producer would spend on examples nobody trains on
-  go to the trainer instead. A class that is short (strict balance waiting for it) keeps the room
-  open, so the trainer is never blocked by its own producers.
+  ``max_reuse``: an example drawn once counts two thirds at ``max_reuse: 3``), never below 0; the
+  driver sends new batches into the pipeline only while there is room. Producers thus run at most
+  ``max_ahead`` usable examples ahead of the trainer, and CPU or GPUs a faster producer would spend
+  on examples nobody trains on go to the trainer instead. A class that is short (strict balance
+  waiting for it) keeps the room open, so the trainer is never blocked by its own producers.
 """
 
 from __future__ import annotations

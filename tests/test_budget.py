@@ -27,7 +27,8 @@ def test_the_plan_never_goes_below_the_minimum_nor_above_the_configured_size() -
     assert small.plan(now=100.0, seconds_per_step=1.0, versions_left=1, steps_into_version=0) == 2
 
 
-@pytest.mark.parametrize("deadline, pace, left", [(None, 2.0, 3), (1000.0, None, 3), (1000.0, 0.0, 3), (1000.0, 2.0, 0)])
+@pytest.mark.parametrize("deadline, pace, left",
+                         [(None, 2.0, 3), (1000.0, None, 3), (1000.0, 0.0, 3), (1000.0, 2.0, 0)])
 def test_without_a_deadline_or_a_measured_pace_the_configured_size_holds(deadline, pace, left) -> None:
     assert StepBudget(steps_per_version=40, deadline=deadline).plan(500.0, pace, left, 0) == 40
 
