@@ -7,7 +7,7 @@ Parts (each wrapped: one failing part prints its traceback and the others still 
 
 * ``train_seed``: the shipped seed critic under DeepSpeed ZeRO-3 (``scrit.train.trainer.deepspeed_config``
   and ``lr_scheduler``, a torch AdamW client optimizer, DeepSpeed bf16 on GPU as ``train_loop_per_worker``
-  does) on loop-shaped arith training examples (``benchmarks/trainer.py``'s recipe, 6-8 operations), with the
+  does) on loop-shaped arith training examples (``benchmarks/trainer.py``'s ``example_pool``, 6-8 operations), with the
   project's ``encode_examples`` / ``sft_loss``; held-out loss before and after, tokens/s, peak memory,
   the consolidated 16-bit state dict saved through the trainer's ``_save_version`` and reloaded.
 * ``train_big``: a randomly initialised ~0.8B Llama (hidden 2048, 16 layers) at batch 4 x 1024 tokens:
@@ -148,28 +148,6 @@ def seed_path() -> str:
     return resolve_model_path("seed")
 
 
-def arith_examples(n: int, seed: int, split: str, ops: tuple[int, int]) -> list:
-    """Loop-shaped training examples, as ``benchmarks/trainer.py``'s ``example_pool`` builds them (a direct
-    prompt and its canonical critique as the target, every other solution with one wrong step), with
-    ``ops`` operations per problem. No data files: the project's own arith generator."""
-    import random
-
-    from scrit.domains import arith
-    from scrit.messages import TrainingExample
-    from scrit.prompts import critic_prompt
-    from scrit.seed.corpus import arith_critique
-
-    rng = random.Random(seed)
-    pool = []
-    for i in range(n):
-        problem = arith.generate_split_problem(rng, split, ops[0], ops[1])
-        steps = problem.correct_steps() if i % 2 else arith.wrong_solution(rng, problem)[0]
-        pool.append(TrainingExample(prompt=critic_prompt(problem.text, arith.render_solution(steps)),
-                                    target=arith_critique(problem, steps, contrastive=False),
-                                    student_correct=bool(i % 2), problem_id=f"gpu-check-{split}-{i}", version=0))
-    return pool
-
-
 def train_settings(**overrides: Any) -> dict[str, Any]:
     """A ``TrainConfig`` (validated) as the plain dict the trainer's workers get."""
     import msgspec
@@ -224,11 +202,12 @@ def part_train_seed() -> dict[str, Any]:
     # which 30 steps at the default lr only move by noise), so it trains on longer chains (the arith-hard
     # range, 6-8 operations: loss ~0.6) from the training bucket, and the held-out loss that must go down is
     # on 6-8 operation chains from the held-out bucket; the 2-5 operation held-out loss is reported beside it.
+    from benchmarks.trainer import example_pool
     from scrit.evaluate import ARITH_HARD_OPS
 
-    train_examples = arith_examples(SEED_BATCH * SEED_GA * SEED_STEPS, 11, "train", ARITH_HARD_OPS)
-    heldout_examples = arith_examples(HELDOUT, 12, "heldout", ARITH_HARD_OPS)
-    easy_examples = arith_examples(HELDOUT, 13, "heldout", (2, 5))
+    train_examples = example_pool(SEED_BATCH * SEED_GA * SEED_STEPS, 11, "train", ARITH_HARD_OPS)
+    heldout_examples = example_pool(HELDOUT, 12, "heldout", ARITH_HARD_OPS)
+    easy_examples = example_pool(HELDOUT, 13, "heldout", (2, 5))
     weights = LossWeights(float(train["verdict_weight"]), float(train["result_weight"]),
                           float(train["correction_weight"]))
 

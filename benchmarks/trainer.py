@@ -33,17 +33,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BATCH = 8
 
 
-def example_pool(n: int = 512) -> list:
-    """Loop-shaped training examples: a direct prompt and its canonical critique as the target."""
+def example_pool(n: int = 512, seed: int = 3, split: str = "train", ops: tuple[int, int] = (2, 5)) -> list:
+    """Loop-shaped training examples: a direct prompt and its canonical critique as the target, every
+    other solution with one wrong step; ``ops`` operations per problem from the arith ``split``."""
     from scrit.domains import arith
     from scrit.messages import TrainingExample
     from scrit.prompts import critic_prompt
     from scrit.seed.corpus import arith_critique
 
-    rng = random.Random(3)
+    rng = random.Random(seed)
     pool = []
     for i in range(n):
-        problem = arith.generate_split_problem(rng, "train")
+        problem = arith.generate_split_problem(rng, split, ops[0], ops[1])
         steps = problem.correct_steps() if i % 2 else arith.wrong_solution(rng, problem)[0]
         pool.append(TrainingExample(prompt=critic_prompt(problem.text, arith.render_solution(steps)),
                                     target=arith_critique(problem, steps, contrastive=False),
