@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scrit.train.budget import FINAL_RESERVE_SHARE, MIN_STEPS_PER_VERSION, StepBudget, training_deadline
+from scrit.train.budget import FINAL_RESERVE_SHARE, MIN_STEPS_PER_VERSION, StepBudget, last_step, training_deadline
 
 
 def test_a_fast_machine_trains_exactly_as_configured() -> None:
@@ -35,3 +35,10 @@ def test_without_a_deadline_or_a_measured_pace_the_configured_size_holds(deadlin
 
 def test_the_deadline_keeps_a_share_of_the_run_for_the_final_evaluation() -> None:
     assert training_deadline(1000.0, 840.0) == pytest.approx(1000.0 + 840.0 * (1 - FINAL_RESERVE_SHARE))
+
+
+def test_the_schedule_ends_where_the_last_version_lands() -> None:
+    assert last_step(published_step=0, steps_into_version=0, steps_per_version=50, versions_left=6) == 300
+    # re-planned to 20 a version, 30 steps into version 2 (published at 50): it ends now, then 4 x 20
+    assert last_step(published_step=50, steps_into_version=30, steps_per_version=20, versions_left=5) == 160
+    assert last_step(published_step=50, steps_into_version=10, steps_per_version=20, versions_left=5) == 150

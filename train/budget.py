@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["StepBudget", "MIN_STEPS_PER_VERSION", "FINAL_RESERVE_SHARE", "training_deadline"]
+__all__ = ["StepBudget", "MIN_STEPS_PER_VERSION", "FINAL_RESERVE_SHARE", "training_deadline", "last_step"]
 
 MIN_STEPS_PER_VERSION = 5  # below this a version is noise; a machine this slow overruns the budget instead
 FINAL_RESERVE_SHARE = 0.1  # of run.max_wall_seconds, kept after the last version for its evaluation
@@ -27,6 +27,13 @@ def training_deadline(started_at: float, max_wall_seconds: float) -> float:
     """When (``time.time()``) the last version should be published: the run's wall limit less the share
     kept for the final evaluation and shutdown."""
     return started_at + max_wall_seconds * (1.0 - FINAL_RESERVE_SHARE)
+
+
+def last_step(published_step: int, steps_into_version: int, steps_per_version: int, versions_left: int) -> int:
+    """The optimizer step the last version lands on, where the learning-rate schedule ends: the version
+    in progress ends at its planned size (or now, if it already has more steps), each later one takes
+    ``steps_per_version``."""
+    return published_step + max(steps_into_version, steps_per_version) + (versions_left - 1) * steps_per_version
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ import msgspec
 
 from scrit.checkpoints import checkpoint_checksum, version_dir
 from scrit.messages import TrainingExample, WeightVersion
-from scrit.train.budget import StepBudget
+from scrit.train.budget import StepBudget, last_step
 from scrit.weights import PackedWeights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -484,7 +484,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_optimizer = optimizer  # a re-planned schedule is built on it (DeepSpeed wraps ``optimizer``)
     steps_per_version = int(train["steps_per_version"])  # re-planned to fit the wall budget (train/budget.py)
     budget = StepBudget(steps_per_version, config.get("deadline"))
-    total_steps = step + (target - version) * steps_per_version  # = versions x steps on a fresh run
+    total_steps = last_step(step, 0, steps_per_version, target - version)  # = versions x steps on a fresh run
     scheduler = lr_scheduler(optimizer, train, total_steps, step)
 
     published: WeightVersion | None = None
@@ -570,8 +570,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (negative,) = collective.max([-float(planned)])  # every rank takes the smallest plan
             if int(-negative) != steps_per_version:
                 steps_per_version = int(-negative)
-                total_steps = (step - version_steps + max(version_steps, steps_per_version)
-                               + (target - version - 1) * steps_per_version)
+                total_steps = last_step(step - version_steps, version_steps, steps_per_version, target - version)
                 scheduler = lr_scheduler(base_optimizer, train, max(total_steps, step + 1), step)
                 if engine is not None:
                     engine.lr_scheduler = scheduler  # DeepSpeed steps the scheduler it holds
