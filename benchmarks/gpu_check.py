@@ -208,8 +208,7 @@ def part_train_seed() -> dict[str, Any]:
     train_examples = example_pool(SEED_BATCH * SEED_GA * SEED_STEPS, 11, "train", ARITH_HARD_OPS)
     heldout_examples = example_pool(HELDOUT, 12, "heldout", ARITH_HARD_OPS)
     easy_examples = example_pool(HELDOUT, 13, "heldout", (2, 5))
-    weights = LossWeights(float(train["verdict_weight"]), float(train["result_weight"]),
-                          float(train["correction_weight"]))
+    weights = LossWeights.from_train_config(train)
 
     def encode(examples: list, weighted: bool) -> dict[str, Any]:
         batch = encode_examples(tokenizer, examples, int(train["max_seq_len"]), weights=weights if weighted else None)

@@ -199,6 +199,9 @@ class TrainConfig(_Section):
     verdict_weight: Positive = 1.0
     result_weight: Positive = 3.0  # x3: measured in docs/learning.md (issue 18, second pass)
     correction_weight: Positive = 1.0
+    # x on the results computed on the line the critique marks wrong (on top of result_weight): the one
+    # place where copying the student's result is not right
+    wrong_step_weight: Positive = 1.0
 
 
 class ResourcesConfig(_Section):

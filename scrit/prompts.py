@@ -152,8 +152,11 @@ VERDICT_SPAN = re.compile(r"(?<=: )(correct|wrong)$|(?<=^Conclusion: ).*$", re.M
 COMPUTED_RESULT_SPAN = re.compile(r"(?<== )-?\d+(?!\d|, expected)")
 
 
+WRONG_STEP_LINE = re.compile(r"^Step \d+:.*: wrong$", re.MULTILINE)
+
+
 def target_loss_weights(target: str, *, verdict: float = 1.0, result: float = 1.0,
-                        correction: float = 1.0) -> list[float]:
+                        correction: float = 1.0, wrong_step: float = 1.0) -> list[float]:
     """A loss weight per character of a training target (a critique or a solution).
 
     Most of a critique is copied text; what decides the scores is a few characters: the verdict words
@@ -161,7 +164,11 @@ def target_loss_weights(target: str, *, verdict: float = 1.0, result: float = 1.
     the student's result there calls a wrong step correct) and the correction's (CC-Acc). Every character
     after a ``Correction:`` line that opens a real correction (not ``none needed``) weighs
     ``correction``; every computed result ``Y`` of ``X op N = Y`` is multiplied by ``result``; the
-    verdict words and the conclusion weigh ``verdict``. All 1.0 is the plain per-token mean.
+    verdict words and the conclusion weigh ``verdict``. The results computed on the line the critique
+    itself marks ``wrong`` are multiplied by ``wrong_step`` as well: on every other line the expected
+    result equals the student's, so copying it is right there and almost all of the result loss
+    rewards copying; the wrong line is the one place where only computing is right. All 1.0 is the
+    plain per-token mean.
     """
     weights = [1.0] * len(target)
     marker = target.find(CORRECTION_MARKER + "\n")
@@ -172,6 +179,11 @@ def target_loss_weights(target: str, *, verdict: float = 1.0, result: float = 1.
         for match in COMPUTED_RESULT_SPAN.finditer(target):
             for i in range(match.start(), match.end()):
                 weights[i] *= result
+    if wrong_step != 1.0:
+        for line in WRONG_STEP_LINE.finditer(target):
+            for match in COMPUTED_RESULT_SPAN.finditer(target, line.start(), line.end()):
+                for i in range(match.start(), match.end()):
+                    weights[i] *= wrong_step
     if verdict != 1.0:
         for match in VERDICT_SPAN.finditer(target):
             for i in range(match.start(), match.end()):

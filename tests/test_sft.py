@@ -187,6 +187,26 @@ def test_target_loss_weights_mark_verdicts_results_and_the_correction() -> None:
     assert target_loss_weights(CRITIQUE) == [1.0] * len(CRITIQUE)
 
 
+def test_wrong_step_weight_marks_only_what_the_wrong_line_computes() -> None:
+    """The expected result on the line the critique marks wrong is where copying the student's result
+    fails; no other result (the correct line's, the student's quoted 16, the correction's) gets it."""
+    from scrit.prompts import target_loss_weights
+    from scrit.train.sft import LossWeights
+
+    weights = target_loss_weights(CRITIQUE, result=3.0, wrong_step=2.0)
+    expected_14 = CRITIQUE.index("= 14: wrong") + 2
+    assert weights[expected_14:expected_14 + 2] == [6.0, 6.0]
+    assert weights[CRITIQUE.index("= 7: correct") + 2] == 3.0  # computed, but on a correct line
+    assert weights[CRITIQUE.index("= 16") + 2] == 1.0  # the student's result, quoted
+    assert weights[CRITIQUE.index("= 14\nThe") + 2] == 3.0  # the correction's result
+    assert [i for i, w in enumerate(weights) if w == 6.0] == [expected_14, expected_14 + 1]
+    correct = "Step 1: 3 + 4 = 7, expected 3 + 4 = 7: correct\nConclusion: correct, no wrong step\n"
+    assert target_loss_weights(correct, wrong_step=5.0) == [1.0] * len(correct)  # no line marked wrong
+    train = {"verdict_weight": 1.0, "result_weight": 3.0, "correction_weight": 1.0, "wrong_step_weight": 1.5}
+    assert LossWeights.from_train_config(train) == LossWeights(1.0, 3.0, 1.0, 1.5)
+    assert not LossWeights(wrong_step=1.5).uniform and LossWeights().uniform
+
+
 def test_weighted_loss_puts_each_tokens_weight_on_its_own_loss(tok, model) -> None:
     from scrit.prompts import target_loss_weights
     from scrit.train.sft import LossWeights

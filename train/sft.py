@@ -15,7 +15,7 @@ the critic learns to stop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +29,23 @@ __all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "token_losses", "sf
 @dataclass(frozen=True)
 class LossWeights:
     """Per-token loss weights on a critique target (``scrit.prompts.target_loss_weights``): the
-    verdict words, the computed results, the correction. All 1.0 = the plain mean."""
+    verdict words, the computed results, the correction, the results on the line marked wrong.
+    All 1.0 = the plain mean."""
 
     verdict: float = 1.0
     result: float = 1.0
     correction: float = 1.0
+    wrong_step: float = 1.0
+
+    @classmethod
+    def from_train_config(cls, train: Mapping[str, Any]) -> LossWeights:
+        """The weights a ``train`` config section asks for (``train.*_weight``)."""
+        return cls(float(train["verdict_weight"]), float(train["result_weight"]), float(train["correction_weight"]),
+                   float(train.get("wrong_step_weight", 1.0)))
 
     @property
     def uniform(self) -> bool:
-        return self.verdict == self.result == self.correction == 1.0
+        return self.verdict == self.result == self.correction == self.wrong_step == 1.0
 
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
@@ -147,7 +155,7 @@ def _weighted_target(tokenizer: Any, target: str, weights: LossWeights) -> tuple
     """The target's token ids and a weight per token: the largest character weight in its span."""
     encoded = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
     chars = target_loss_weights(target, verdict=weights.verdict, result=weights.result,
-                                correction=weights.correction)
+                                correction=weights.correction, wrong_step=weights.wrong_step)
     token_weights = [max(chars[start:end], default=1.0) for start, end in encoded["offset_mapping"]]
     return list(encoded["input_ids"]), token_weights
 

@@ -326,8 +326,7 @@ def _sample_batch(
             if examples:
                 encoded = encode_examples(
                     tokenizer, examples, int(train["max_seq_len"]), chat_template=settings["chat_template"],
-                    weights=LossWeights(float(train["verdict_weight"]), float(train["result_weight"]),
-                                        float(train["correction_weight"])),
+                    weights=LossWeights.from_train_config(train),
                 )
                 stats["skipped"] += encoded["num_skipped"]
                 if encoded["input_ids"].shape[0] > 0:
