@@ -202,6 +202,9 @@ class TrainConfig(_Section):
     # x on the results computed on the line the critique marks wrong (on top of result_weight): the one
     # place where copying the student's result is not right
     wrong_step_weight: Positive = 1.0
+    # solver examples trained beside the critiques, per critique example: right-answer student solutions
+    # of the batch as answers to their problems, so the critic keeps its arithmetic (0 = critiques only)
+    rehearsal_share: Fraction = 0.0
 
 
 class ResourcesConfig(_Section):

@@ -123,6 +123,19 @@ def critic_prompt(problem: str, solution: str, reference: str | None = None, sty
             f"{trailer}{CRITIQUE_START}")
 
 
+def critic_prompt_parts(prompt: str) -> tuple[str, str, str] | None:
+    """``(problem, student solution, style)`` of a direct prompt written by :func:`critic_prompt`, or None
+    for any other text (a contrastive prompt, a chat-formatted one): the trainer's rehearsal turns a
+    right-answer student solution back into a solver example (``train.rehearsal_share``)."""
+    for style in ("compact", "instruct"):
+        head = f"{_header(DIRECT_HEADER, FORMAT_INSTRUCTIONS, style)}\nProblem: "
+        tail = f"\n{INSTRUCT_CRITIQUE_TRAILER if style == 'instruct' else ''}{CRITIQUE_START}"
+        if prompt.startswith(head) and prompt.endswith(tail) and "\nStudent:\n" in prompt:
+            problem, solution = prompt[len(head):len(prompt) - len(tail)].split("\nStudent:\n", 1)
+            return problem, solution, style
+    return None
+
+
 CORRECTOR_HEADER = "Correct the student solution using the critique."
 CORRECTOR_INSTRUCTIONS = (
     "Write the corrected steps from the critique's first wrong step on, numbered as in the student "

@@ -207,6 +207,26 @@ def test_wrong_step_weight_marks_only_what_the_wrong_line_computes() -> None:
     assert not LossWeights(wrong_step=1.5).uniform and LossWeights().uniform
 
 
+def test_rehearsal_turns_right_answer_solutions_into_solver_examples() -> None:
+    """Only right-answer student solutions become solver examples (the loop's only supervision is the
+    final answer), as many as the share asks, in the prompt style the critique was written in."""
+    from scrit.prompts import critic_prompt, solver_prompt
+    from scrit.train.sft import rehearsal_examples
+
+    problem = "Start with 3. Add 4. What is the result?"
+    right, wrong = "Step 1: 3 + 4 = 7\nThe answer is \\boxed{7}.", "Step 1: 3 + 4 = 8\nThe answer is \\boxed{8}."
+    batch = [ex(critic_prompt(problem, wrong), "Step 1: ...: wrong", correct=False),
+             ex(critic_prompt(problem, right), "Step 1: ...: correct"),
+             ex(critic_prompt(problem, right, style="instruct"), "Step 1: ...: correct"),
+             ex(critic_prompt(problem, right, reference=right), "a contrastive prompt is never a training prompt")]
+    assert rehearsal_examples(batch, 0.0) == []
+    one = rehearsal_examples(batch, 0.25)
+    assert [(r.prompt, r.target, r.student_correct) for r in one] == [(solver_prompt(problem), right, True)]
+    both = rehearsal_examples(batch, 1.0)  # asks for 4; only two right-answer direct prompts exist
+    assert [r.prompt for r in both] == [solver_prompt(problem), solver_prompt(problem, "instruct")]
+    assert all(r.target == right for r in both)
+
+
 def test_weighted_loss_puts_each_tokens_weight_on_its_own_loss(tok, model) -> None:
     from scrit.prompts import target_loss_weights
     from scrit.train.sft import LossWeights

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from scrit.messages import TrainingExample
-from scrit.prompts import target_loss_weights
+from scrit.prompts import critic_prompt_parts, solver_prompt, target_loss_weights
 
-__all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "token_losses", "sft_loss"]
+__all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "rehearsal_examples", "token_losses", "sft_loss"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,31 @@ def encode_examples(
             loss_weights[row, n_prompt : len(ids)] = torch.tensor(target_weights)
         encoded["loss_weights"] = loss_weights
     return encoded
+
+
+def rehearsal_examples(examples: Sequence[TrainingExample], share: float) -> list[TrainingExample]:
+    """Solver examples to train beside a batch of critiques: ``round(share * len(examples))`` of the
+    batch's right-answer student solutions, each as the answer to its problem's solver prompt.
+
+    Critique training alone wears away the arithmetic the critic's expected steps and corrections need
+    (the default run's final critic, measured: 93 % -> 69 % of solution steps right where the seed
+    writes them; docs/learning.md). A right-answer solution is exactly the supervision the loop may
+    use (DESIGN.md §1: final answers and correct solutions), so rehearsing it is honest.
+    """
+    wanted = round(share * len(examples))
+    rehearsal: list[TrainingExample] = []
+    for example in examples:
+        if len(rehearsal) >= wanted:
+            break
+        parts = critic_prompt_parts(example.prompt) if example.student_correct else None
+        if parts is None:
+            continue
+        problem, solution, style = parts
+        rehearsal.append(TrainingExample(
+            prompt=solver_prompt(problem, style), target=solution, student_correct=True,
+            problem_id=example.problem_id, version=example.version, solver=example.solver,
+            batch_id=example.batch_id))
+    return rehearsal
 
 
 def _weighted_target(tokenizer: Any, target: str, weights: LossWeights) -> tuple[list[int], list[float]]:

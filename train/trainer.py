@@ -311,7 +311,7 @@ def _sample_batch(
     """
     import ray
 
-    from scrit.train.sft import LossWeights, encode_examples
+    from scrit.train.sft import LossWeights, encode_examples, rehearsal_examples
 
     from scrit.memory import release_free_memory
 
@@ -324,6 +324,7 @@ def _sample_batch(
                 buffer.sample.remote(int(train["batch_size"]), version)
             )
             if examples:
+                examples = list(examples) + rehearsal_examples(examples, float(train.get("rehearsal_share", 0.0)))
                 encoded = encode_examples(
                     tokenizer, examples, int(train["max_seq_len"]), chat_template=settings["chat_template"],
                     weights=LossWeights.from_train_config(train),
