@@ -17,7 +17,7 @@ def test_probes_stop_where_the_critic_must_compute() -> None:
     from scrit.evaluate import build_arith_evalset
 
     items = build_arith_evalset(n=40)
-    line_prompts, line_truth, fix_prompts, fix_truth = probe_prompts(items)
+    line_prompts, line_truth, fix_prompts, fix_truth, solver_prompts, solver_truth = probe_prompts(items)
     wrong = [item for item in items if item.label >= 0]
     assert len(line_prompts) == len(fix_prompts) == len(wrong) > 0
     for item, prompt, truth, fix, answer in zip(wrong, line_prompts, line_truth, fix_prompts, fix_truth):
@@ -27,6 +27,10 @@ def test_probes_stop_where_the_critic_must_compute() -> None:
         assert truth == int(expected.rsplit("= ", 1)[1]) and answer == problem.answer
         assert fix.endswith("Correction:\n") and "Reference" not in fix  # direct mode, ideal critique so far
         assert fix.count(": wrong\n") == 1 and prompt.count(": wrong") == 0
+    assert len(solver_prompts) == len(solver_truth) == sum(len(item.steps) for item in wrong)
+    first = arith.parse_problem(wrong[0].problem).correct_steps()
+    assert solver_prompts[1].endswith(f"Solution:\nStep 1: {first[0]}\nStep 2: {first[1].rsplit('= ', 1)[0]}= ")
+    assert solver_truth[1] == int(first[1].rsplit("= ", 1)[1])
 
 
 def test_variant_names_and_leading_numbers() -> None:
