@@ -41,7 +41,7 @@ class LossWeights:
     def from_train_config(cls, train: Mapping[str, Any]) -> LossWeights:
         """The weights a ``train`` config section asks for (``train.*_weight``)."""
         return cls(float(train["verdict_weight"]), float(train["result_weight"]), float(train["correction_weight"]),
-                   float(train.get("wrong_step_weight", 1.0)))
+                   float(train["wrong_step_weight"]))
 
     @property
     def uniform(self) -> bool:

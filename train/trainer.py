@@ -324,7 +324,7 @@ def _sample_batch(
                 buffer.sample.remote(int(train["batch_size"]), version)
             )
             if examples:
-                examples = list(examples) + rehearsal_examples(examples, float(train.get("rehearsal_share", 0.0)))
+                examples = list(examples) + rehearsal_examples(examples, float(train["rehearsal_share"]))
                 encoded = encode_examples(
                     tokenizer, examples, int(train["max_seq_len"]), chat_template=settings["chat_template"],
                     weights=LossWeights.from_train_config(train),
