@@ -1,16 +1,18 @@
 """What a run learns, measured on held-out data: every published version scored, as a scaling curve.
 
     .venv/bin/python benchmarks/learning.py run  --label default-s1 [--set KEY=VALUE ...] [--taskset 0]
+    .venv/bin/python benchmarks/learning.py run  --label long-s0 --config configs/long.yaml --every 2
     .venv/bin/python benchmarks/learning.py eval --run-dir RUN_DIR --label NAME
     .venv/bin/python benchmarks/learning.py plot [RESULTS.jsonl ...] [--labels A,B] --out docs/learning_curve.png
 
-* ``run``: ``scrit run`` (the built-in default plus ``--set`` overrides) in a subprocess, optionally
+* ``run``: ``scrit run`` (the built-in default or ``--config``, plus ``--set`` overrides) in a subprocess, optionally
   confined to fewer CPUs (``--taskset 0``: core 0 only, a machine half as fast) or beside a CPU hog
   (``--hog``), then ``eval`` of its run directory.
 * ``eval``: every published version (and the seed, version 0) scored by ``scrit eval`` in direct mode on
   the project's held-out sets, ``--items`` problems like the loop's (``--bench arith``) and
   ``--hard-items`` longer ones (``--bench arith-hard``, 6-8 operations), with the examples each version
-  was trained on (optimizer steps x examples per step, from ``train_metrics.jsonl``). Two evaluations
+  was trained on (optimizer steps x examples per step, from ``registry.jsonl``); ``--every K`` scores every
+  K-th version and the final one (a long run's curve at a fraction of the cost). Two evaluations
   run at once (one vLLM engine each, one per core). One JSON line per run is appended to
   ``--results`` (default ``benchmarks/results/learning.jsonl``, not committed).
 * ``plot``: EI-F1 and CC-Acc against examples trained on, one line per run and set (matplotlib).
@@ -53,9 +55,11 @@ def score(model: str, bench: str, items: int) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])["average"]
 
 
-def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = False) -> list[dict[str, Any]]:
+def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = False,
+                 every: int = 1) -> list[dict[str, Any]]:
     """Every version of ``run_dir`` (0 = the seed) on both held-out sets, with examples trained on
-    (``ends_only``: the seed and the final version, a third of the time for a quick comparison)."""
+    (``ends_only``: the seed and the final version, a third of the time for a quick comparison;
+    ``every``: the seed, every ``every``-th version and the final one)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     registry = [json.loads(line) for line in (run_dir / "versions" / "registry.jsonl").read_text().splitlines()
                 if line.strip()] if (run_dir / "versions" / "registry.jsonl").is_file() else []
@@ -64,6 +68,8 @@ def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = F
     models = [(0, summary["seed_model"], 0)] + [(v["version"], v["uri"], v["step"] * per_step) for v in registry]
     if ends_only:
         models = [models[0], models[-1]] if len(models) > 1 else models
+    elif every > 1:
+        models = [model for index, model in enumerate(models) if index % every == 0 or index == len(models) - 1]
     jobs = [(version, uri, examples, bench, n) for version, uri, examples in models
             for bench, n in (("arith", items), ("arith-hard", hard_items)) if n > 0]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two engines, one per core
@@ -78,6 +84,8 @@ def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = F
 def run_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix=f"scrit-learning-{args.label}-")) / "run"
     command = [str(SCRIT), "run", "--run-dir", str(run_dir)]
+    if args.config:
+        command += ["--config", str(args.config)]
     for item in args.set:
         command += ["--set", item]
     if args.taskset:
@@ -92,10 +100,12 @@ def run_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.time() - started
     (run_dir.parent / "scrit-run.log").write_text(result.stdout + result.stderr)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    record = {"label": args.label, "overrides": args.set, "taskset": args.taskset, "hog": args.hog,
+    record = {"label": args.label, "config": str(args.config) if args.config else None, "overrides": args.set,
+              "taskset": args.taskset, "hog": args.hog,
               "run_dir": str(run_dir), "rc": result.returncode, "status": summary.get("status"),
               "wall_s": round(wall, 1), "versions": summary.get("versions"), "counts": summary.get("counts"),
-              "curve": evaluate_run(run_dir, args.items, args.hard_items, args.ends_only) if summary else []}
+              "curve": evaluate_run(run_dir, args.items, args.hard_items, args.ends_only, args.every)
+              if summary else []}
     _append(args.results, record)
     _print(record)
     return record
@@ -165,6 +175,8 @@ def main() -> None:
         command.add_argument("--hard-items", type=int, default=200, help="harder held-out items (6-8 ops)")
         command.add_argument("--results", type=Path, default=RESULTS)
         command.add_argument("--ends-only", action="store_true", help="score only the seed and the final version")
+        command.add_argument("--every", type=int, default=1, help="score every K-th version (and the final one)")
+    sub.choices["run"].add_argument("--config", type=Path, help="YAML config for scrit run (default: the built-in)")
     sub.choices["run"].add_argument("--set", action="append", default=[], help="config override")
     sub.choices["run"].add_argument("--taskset", help="CPU list for taskset -c (e.g. 0: one core)")
     sub.choices["run"].add_argument("--hog", action="store_true", help="a busy-looping process beside the run")
@@ -179,7 +191,8 @@ def main() -> None:
         run_and_evaluate(args)
     elif args.command == "eval":
         record = {"label": args.label, "run_dir": str(args.run_dir),
-                  "curve": evaluate_run(args.run_dir, args.items, args.hard_items, args.ends_only)}
+                  "curve": evaluate_run(args.run_dir, args.items, args.hard_items, args.ends_only,
+                                                                args.every)}
         _append(args.results, record)
         _print(record)
     else:

@@ -94,11 +94,24 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_shipped_configs_exist() -> None:
     names = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert {"default.yaml", "tiny-test.yaml", "gsm8k-smollm2.yaml", "cluster-7b.yaml"} <= names
+    assert {"default.yaml", "tiny-test.yaml", "gsm8k-smollm2.yaml", "cluster-7b.yaml", "long.yaml"} <= names
 
 
 def test_default_yaml_matches_default_config() -> None:
     assert load_config(CONFIGS / "default.yaml") == default_config()
+
+
+def test_long_config_is_the_default_recipe_longer() -> None:
+    """configs/long.yaml is the far end of the default run's scaling curve: only length may differ."""
+    cfg, defaults = load_config(CONFIGS / "long.yaml"), default_config()
+    assert cfg.run.max_wall_seconds >= 3 * defaults.run.max_wall_seconds
+    assert cfg.run.versions * cfg.train.steps_per_version >= 3 * defaults.run.versions * defaults.train.steps_per_version
+    assert cfg.domain.num_problems > defaults.domain.num_problems
+    for section in ("critic", "solvers", "validator", "buffer", "resources", "vllm"):
+        assert getattr(cfg, section) == getattr(defaults, section), section
+    longer = {"steps_per_version"}
+    assert {k: v for k, v in msgspec.structs.asdict(cfg.train).items() if k not in longer} == \
+        {k: v for k, v in msgspec.structs.asdict(defaults.train).items() if k not in longer}
 
 
 def test_tiny_test_config_is_small() -> None:
