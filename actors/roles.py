@@ -118,6 +118,7 @@ class _Role:
         self.batches = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.refused_prompts = 0  # prompts over the model's context (PromptTooLong): not generated
         self.last_version = engine.version if engine is not None else 0
 
     @property
@@ -135,6 +136,10 @@ class _Role:
         self.items += len(generations)
         self.prompt_tokens += sum(g.prompt_tokens for g in generations)
         self.completion_tokens += sum(g.completion_tokens for g in generations)
+        refused = [g.error for g in generations if g.error]
+        if refused:  # empty texts: they parse as nothing and the item is dropped, as an unparsed output is
+            self.refused_prompts += len(refused)
+            log.warning("%s: %d prompt(s) not generated: %s", self.name, len(refused), refused[0])
         self.last_version = max(g.version for g in generations)
         return generations
 
@@ -142,7 +147,7 @@ class _Role:
         """Counters for metrics and the live display: items, tokens, version."""
         return {"role": type(self).__name__, "name": self.name, "version": self.version, "items": self.items,
                 "batches": self.batches, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens}
+                "completion_tokens": self.completion_tokens, "refused_prompts": self.refused_prompts}
 
 
 class Solver(_Role):

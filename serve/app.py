@@ -49,7 +49,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from scrit.backends.base import Generation, SamplingParams
+from scrit.backends.base import Generation, PromptTooLong, SamplingParams
 from scrit.serve.schema import (
     CRITIQUE_STOPS,
     DONE_EVENT,
@@ -261,6 +261,8 @@ def _sha256(text: str) -> str:
 
 
 def _generation_failed(error: BaseException) -> ApiError:
+    if isinstance(error, PromptTooLong):  # the request's fault: a prompt over the model's context
+        return ApiError(400, f"the prompt is too long for this model: {error}")
     return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
 
 
@@ -424,6 +426,9 @@ class CriticServer:
             raise _generation_failed(error) from error
         if isinstance(result, Exception):
             raise _generation_failed(result)
+        refused = next((generation.error for generation in result if generation.error), None)
+        if refused:  # a batch backend (HF) generates nothing for a prompt over the context
+            raise _generation_failed(PromptTooLong(refused))
         return Generations.finished(result)
 
     async def _generate(self, prompts: list[str], sampling: SamplingParams) -> list[Generation]:

@@ -510,6 +510,8 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "'max_tokens' must be between"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "'n' must be 1"),
     ({"messages": [{"role": "user", "content": "x" * 16001}]}, "too long"),
+    # under the endpoint's character limit, over the seed's 1,024-token context: a 400, not a failed generation
+    ({"messages": [{"role": "user", "content": "x" * 2000}]}, "too long for this model"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "$.temperature"),
 ]
 

@@ -147,6 +147,26 @@ def test_stop_strings_keep_the_stop_and_count_tokens_like_hf(engine, hf_seed, pr
         assert stopped.completion_tokens < full.completion_tokens
 
 
+def test_a_prompt_over_the_context_is_refused_alone_and_the_batch_goes_on(engine, hf_seed, prompts,
+                                                                          seed_greedy) -> None:
+    """A long problem's validator prompt once took 1,025 of the seed's 1,024 tokens and vLLM refused the
+    whole batch, failing the run: now that prompt alone gets an empty Generation with ``error`` set, in
+    both backends, and a streamed request for it fails with PromptTooLong (the endpoint's 400)."""
+    from scrit.backends.base import PromptTooLong
+
+    too_long = prompts[0] + "Step 1: 1 + 1 = 2\n" * 80  # ~1,800 characters; the seed's tokens are characters
+    batch = [prompts[1], too_long, prompts[2]]
+    for backend in (engine, hf_seed):
+        got = backend.generate(batch, GREEDY)
+        assert [g.text for g in got] == [seed_greedy[1].text, "", seed_greedy[2].text]
+        assert [bool(g.error) for g in got] == [False, True, False]
+        assert "context is 1024" in got[1].error and got[1].completion_tokens == 0
+    handle = engine.submit(too_long, GREEDY, on_delta=lambda *_: None)
+    with pytest.raises(PromptTooLong, match="context is 1024"):
+        handle.result(timeout=60)
+    assert engine.unfinished_requests() == 0 and engine.generate(prompts[:1], GREEDY) == seed_greedy[:1]
+
+
 def test_seeded_sampling_is_reproducible_and_repeated_prompts_differ(engine, prompts) -> None:
     sampled = SamplingParams(max_new_tokens=64, temperature=1.0, seed=7)
     # Two samples per prompt, as the solvers ask; ~9,600 prompt tokens, more than one engine step takes.

@@ -20,6 +20,19 @@ class Generation(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     version: int  # model version that produced the text
+    error: str = ""  # why nothing was generated for this prompt ("" = it was); see PromptTooLong
+
+
+class PromptTooLong(ValueError):
+    """A prompt longer than the model's context. In a batch (``generate``) it gets an empty Generation
+    with ``error`` set and the rest of the batch goes on: one over-long prompt (a long problem with a
+    long critique, in the validator's prompt) must not fail a role's whole batch, and so the run. The
+    Serve endpoint answers it with a 400."""
+
+
+def refused_generation(error: PromptTooLong, version: int) -> Generation:
+    """The empty Generation that stands in a batch for a prompt the model cannot take."""
+    return Generation(text="", prompt_tokens=0, completion_tokens=0, version=version, error=str(error))
 
 
 @runtime_checkable

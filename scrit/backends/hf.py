@@ -17,7 +17,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 
-from scrit.backends.base import Generation, SamplingParams, truncate_at_stop
+from scrit.backends.base import Generation, PromptTooLong, SamplingParams, refused_generation, truncate_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,14 @@ class HFBackend:
             model, tokenizer, version = self._model, self._tokenizer, self._version
             chat = self._chat(tokenizer)
             encoded = [self._encode(tokenizer, p, chat) for p in prompts]
-            # Sorting by length keeps similar prompts in one batch, so there is less padding.
-            order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
             results: list[Generation | None] = [None] * len(prompts)
+            context = getattr(model.config, "max_position_embeddings", None)
+            for i, ids in enumerate(encoded):  # as vLLM: the prompt must leave room for a token
+                if context is not None and len(ids) >= context:
+                    results[i] = refused_generation(PromptTooLong(
+                        f"the prompt has {len(ids)} tokens; the model's context is {context}"), version)
+            # Sorting by length keeps similar prompts in one batch, so there is less padding.
+            order = sorted((i for i in range(len(prompts)) if results[i] is None), key=lambda i: len(encoded[i]))
             rng = contextlib.nullcontext()
             if sampling.temperature > 0 and sampling.seed is not None:
                 devices = [self.device.index or 0] if self.device.type == "cuda" else []

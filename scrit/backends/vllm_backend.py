@@ -53,7 +53,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, TypeVar
 
-from scrit.backends.base import Generation, SamplingParams, truncate_at_stop
+from scrit.backends.base import Generation, PromptTooLong, SamplingParams, refused_generation, truncate_at_stop
 from scrit.backends.hf import check_model_dir
 from scrit.memory import release_free_memory
 
@@ -221,6 +221,8 @@ class RequestHandle:
             self.on_delta(self, completion.text, False)
 
     def _fail(self, error: BaseException) -> None:
+        if self._done.is_set():  # already refused (PromptTooLong) or finished: keep that outcome
+            return
         self.error = error
         self._finish()
 
@@ -240,6 +242,18 @@ class RequestHandle:
         text, _ = truncate_at_stop(self.text, self.sampling.stop)
         return Generation(text=text, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                           version=self.version)
+
+
+def _over_context(error: BaseException) -> bool:
+    """Whether vLLM refused a prompt for having more tokens than the model's context."""
+    return getattr(error, "parameter", None) == "input_tokens"
+
+
+def _result_or_refusal(handle: RequestHandle) -> Generation:
+    try:
+        return handle.result()
+    except PromptTooLong as error:
+        return refused_generation(error, handle.version)
 
 
 # vLLM keeps per-process state that a forward pass uses (the forward context, attention metadata), so
@@ -323,6 +337,9 @@ class _EngineLoop:
                 with _PROCESS_ENGINE_LOCK:
                     inputs = build_inputs()
                 for engine_input, request_params, handle in zip(inputs, params, handles):
+                    if isinstance(engine_input, PromptTooLong):  # this request only; the others run
+                        handle._fail(engine_input)
+                        continue
                     engine.add_request(handle.request_id, engine_input, request_params)
                     running[handle.request_id] = handle
                     added.append(handle.request_id)
@@ -451,10 +468,29 @@ class VLLMBackend:
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    def _engine_inputs(self, prompts: list[str]) -> Sequence[Any]:
+    def _engine_inputs(self, prompts: list[str]) -> list[Any]:
         """Engine thread: the prompts rendered and tokenized as ``LLM.generate`` / ``LLM.chat`` do (its own
         preprocessing, so the step loop sees exactly the requests those would make); with the chat
-        template vLLM renders it and tokenizes without adding a BOS."""
+        template vLLM renders it and tokenizes without adding a BOS. A prompt longer than the context
+        makes vLLM refuse the whole list: then each prompt is prepared alone, and an over-long one
+        gets a ``PromptTooLong`` in its place (its request fails, the others run)."""
+        try:
+            return list(self._preprocess(prompts))
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is a prompt over the context
+            if not _over_context(error):
+                raise
+        inputs: list[Any] = []
+        for prompt in prompts:
+            try:
+                inputs.extend(self._preprocess([prompt]))
+            except Exception as error:  # noqa: BLE001 - as above, one prompt at a time
+                if not _over_context(error):
+                    raise
+                inputs.append(PromptTooLong(f"the prompt has {getattr(error, 'value', '?')} tokens or more; the "
+                                            f"model's context is {self.max_model_len}"))
+        return inputs
+
+    def _preprocess(self, prompts: list[str]) -> Sequence[Any]:
         if self._chat:
             return self._llm._preprocess_chat([[{"role": "user", "content": p}] for p in prompts])
         return self._llm._preprocess_cmpl(prompts)
@@ -489,8 +525,9 @@ class VLLMBackend:
         return self._loop.call(lambda: self._llm.llm_engine.get_num_unfinished_requests())
 
     def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> list[Generation]:
-        """Generations for ``prompts`` in order, all on one version; concurrent calls share the engine."""
-        return [handle.result() for handle in self.submit_many(prompts, sampling)]
+        """Generations for ``prompts`` in order, all on one version; concurrent calls share the engine. A
+        prompt over the context gets an empty Generation with ``error`` set (``PromptTooLong``)."""
+        return [_result_or_refusal(handle) for handle in self.submit_many(prompts, sampling)]
 
     def load_weights(self, version: int, path: str, weights: Mapping[str, Any] | None = None) -> None:
         """Reload in place once the requests in flight are done; see the module docstring. ``weights`` (a
