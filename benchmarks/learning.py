@@ -191,8 +191,7 @@ def main() -> None:
         run_and_evaluate(args)
     elif args.command == "eval":
         record = {"label": args.label, "run_dir": str(args.run_dir),
-                  "curve": evaluate_run(args.run_dir, args.items, args.hard_items, args.ends_only,
-                                                                args.every)}
+                  "curve": evaluate_run(args.run_dir, args.items, args.hard_items, args.ends_only, args.every)}
         _append(args.results, record)
         _print(record)
     else:
