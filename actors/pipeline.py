@@ -27,7 +27,10 @@ Crashes: actors restart (``faults.actor_max_restarts``) and Ray re-runs the inte
 restarted actor (``faults.actor_task_retries``; every stage call is idempotent: solver samples are
 seeded by batch id, and the buffer stores a batch once). A batch that still fails because an actor
 (or the engine it calls) died is sent through the pipeline again, up to ``faults.batch_retries``
-times; only then does the run fail, naming the actor. A stage that raises fails the run at once,
+times; only then does the run fail, naming the actor. Each resend waits first
+(``faults.batch_retry_backoff_s``, doubling per resend): when a node is lost, its actors answer
+"unavailable" at once until Ray notices the loss and restarts them elsewhere (20-50 s measured), and
+resends without a wait used up every retry in that window. A stage that raises fails the run at once,
 naming its actor (``StageFailed``).
 """
 
@@ -48,6 +51,8 @@ from scrit.problems import ProblemSource
 
 __all__ = ["BatchFailed", "ProducerPipeline", "RoleActors"]
 
+RETRY_WAIT_CAP_S = 60.0  # the longest wait before a batch is sent again
+
 
 class BatchFailed(RuntimeError):
     """A batch could not get through the pipeline; ``component`` names the actor (``critic.0``)."""
@@ -64,6 +69,7 @@ class _InFlight:
     problems: Any  # ObjectRef of the ProblemBatch bytes, kept to send the batch again
     submitted: float
     attempt: int = 0
+    resend_at: float = 0.0  # monotonic time before which a batch waiting to be sent again is not sent
 
 
 @dataclass
@@ -98,6 +104,7 @@ class ProducerPipeline:
         self.source = source
         self.next_batch_id = first_batch_id
         self.in_flight: dict[Any, _InFlight] = {}  # report ref -> the batch it reports on
+        self.waiting: list[_InFlight] = []  # batches lost with an actor, sent again once their wait is over
         self.retries: list[dict[str, Any]] = []  # batches sent again after an actor died
         self.expected_examples = float(cfg.run.problems_per_batch)  # kept per batch; the mean once batches report
         self._kept: list[int] = []
@@ -130,6 +137,11 @@ class ProducerPipeline:
         ray.get([handle.ready.remote() for handle in self.actors().values()])
 
     # ---------------------------------------------------------------------------------- running
+    @property
+    def moving(self) -> int:
+        """Batches in the pipeline: in flight, or waiting to be sent again."""
+        return len(self.in_flight) + len(self.waiting)
+
     def submit(self) -> int:
         """Send one new batch of problems into the pipeline; returns its id."""
         import ray
@@ -152,9 +164,9 @@ class ProducerPipeline:
         """Submit batches while fewer than ``batches_in_flight`` are moving and the buffer's ``room``
         (examples it may still take) is not used up by what the batches in flight will bring, each
         counted as ``expected_examples``; returns how many were submitted."""
-        budget = room - len(self.in_flight) * self.expected_examples
+        budget = room - self.moving * self.expected_examples
         submitted = 0
-        while budget > 0 and len(self.in_flight) < self.cfg.run.batches_in_flight:
+        while budget > 0 and self.moving < self.cfg.run.batches_in_flight:
             self.submit()
             submitted += 1
             budget -= self.expected_examples
@@ -162,14 +174,17 @@ class ProducerPipeline:
 
     def collect(self, timeout: float) -> list[dict[str, Any]]:
         """Reports of the batches that finished within ``timeout`` seconds (oldest first). A batch
-        whose actor (or engine) died is sent again (``faults.batch_retries``), else BatchFailed names
-        the actor; a stage that raised fails at once."""
+        whose actor (or engine) died is sent again after its wait (``faults.batch_retries``,
+        ``faults.batch_retry_backoff_s``), else BatchFailed names the actor; a stage that raised fails at once."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         from scrit.actors.engines import EngineUnavailable
         from scrit.actors.shells import StageFailed
 
+        self._send_waiting()
+        if self.waiting:  # wake up in time to send the next waiting batch
+            timeout = max(0.0, min(timeout, min(b.resend_at for b in self.waiting) - time.monotonic()))
         if not self.in_flight:
             time.sleep(min(timeout, 0.2))
             return []
@@ -199,11 +214,27 @@ class ProducerPipeline:
         return sorted(reports, key=lambda r: r["batch_id"])
 
     def _retry(self, batch: _InFlight, component: str, error: BaseException) -> None:
+        """Queue ``batch`` to be sent again after its wait, or fail it once its retries are used up."""
         if batch.attempt >= self.cfg.faults.batch_retries:
             raise BatchFailed(component, error) from error
+        wait_s = self.retry_wait(batch.attempt)
         self.retries.append({"batch_id": batch.batch_id, "component": component, "attempt": batch.attempt + 1,
-                             "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
-        self._send(_InFlight(batch.batch_id, batch.problems, batch.submitted, batch.attempt + 1))
+                             "wait_s": wait_s, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
+        self.waiting.append(_InFlight(batch.batch_id, batch.problems, batch.submitted, batch.attempt + 1,
+                                      resend_at=time.monotonic() + wait_s))
+
+    def retry_wait(self, attempt: int) -> float:
+        """Seconds before resend ``attempt + 1``: ``faults.batch_retry_backoff_s``, doubled per resend,
+        at most ``RETRY_WAIT_CAP_S``."""
+        return min(self.cfg.faults.batch_retry_backoff_s * 2 ** attempt, RETRY_WAIT_CAP_S)
+
+    def _send_waiting(self) -> None:
+        """Send again every waiting batch whose wait is over."""
+        now = time.monotonic()
+        due = [batch for batch in self.waiting if batch.resend_at <= now]
+        self.waiting = [batch for batch in self.waiting if batch.resend_at > now]
+        for batch in due:
+            self._send(batch)
 
     def _actor_name(self, error: BaseException) -> str:
         """Our name (``critic.0``) for the actor a RayActorError is about, else ``pipeline``."""
@@ -217,7 +248,7 @@ class ProducerPipeline:
         """Finish the batches in flight (their examples reach the buffer) for up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         reports: list[dict[str, Any]] = []
-        while self.in_flight and time.monotonic() < deadline:
+        while self.moving and time.monotonic() < deadline:
             reports += self.collect(timeout=max(0.1, deadline - time.monotonic()))
         return reports
 

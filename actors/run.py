@@ -291,7 +291,7 @@ class SelfPlayRun:
             "batch", **{k: v for k, v in report.items() if k != "timings"},
             pass_rate=report.get("validated", 0) / consistent if consistent else None,
             latest_version=latest_version if latest_version >= 0 else None,  # -1: drained after the end
-            in_flight=len(self.pipeline.in_flight), totals=dict(self.counts),
+            in_flight=self.pipeline.moving, totals=dict(self.counts),
             stages={t["stage"]: round(t["end"] - t["start"], 2) for t in report.get("timings", [])},
             tokens=sum(t.get("tokens", 0) for t in report.get("timings", [])),
         )

@@ -71,8 +71,8 @@ class RunDisplay:
         elif kind == "endpoint_error":
             self.console.print(f"[bold red]critic endpoint not started[/]: {event['error']} (the run goes on)")
         elif kind == "retry":
-            self.console.print(f"[bold yellow]batch {event['batch_id']} sent again[/] ({event['component']} died: "
-                               f"{event['error']})")
+            self.console.print(f"[bold yellow]batch {event['batch_id']} sent again in {event.get('wait_s', 0):g} s[/] "
+                               f"({event['component']} died: {event['error']})")
         elif kind == "node_lost":
             self.console.print(f"[bold yellow]node {event['node']} lost[/]: its actors restart on the nodes left")
         elif kind == "eval_retry":

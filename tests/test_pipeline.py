@@ -5,7 +5,8 @@ stages of different batches overlap (read from the timestamps each stage records
 time), no more than ``batches_in_flight`` batches are ever in the pipeline and the buffer's room is a
 budget (the batches in flight count against it), data flows actor to actor (the driver only gets small
 reports), the kept examples are exactly what the synchronous, in-process path makes of the same
-batches with roles built by the same factory, and a stage that fails is named by its actor.
+batches with roles built by the same factory, a stage that fails is named by its actor, and a batch
+lost with an actor is sent again after waits that double, then fails naming that actor.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ CONFIG = {
     "solvers": [{"model": "careless", "backend": "hf", "temperature": 0.0, "samples_per_problem": 1,
                  "max_new_tokens": 160, "device": "cpu"}],
     "buffer": {"max_ahead": 1000},
+    "faults": {"batch_retries": 2, "batch_retry_backoff_s": 0.5},
 }
 
 
@@ -70,8 +72,18 @@ def streamed(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
     with pytest.raises(BatchFailed) as failed:
         while pipeline.in_flight:
             pipeline.collect(timeout=1.0)
-    yield {"cfg": cfg, "reports": reports, "in_flight": in_flight, "run_dir": run_dir,
-           "stats": pipeline.stats(), "failed": failed.value}
+    stats = pipeline.stats()
+    # A batch lost with an actor (the validator, killed for good) is sent again after each wait, then fails.
+    ray.kill(pipeline.roles["validator"].handles[0], no_restart=True)
+    sends: list[tuple[int, float]] = []  # (attempt, when) for every time the batch entered the pipeline
+    send = pipeline._send
+    pipeline._send = lambda batch: (sends.append((batch.attempt, time.monotonic())), send(batch))
+    pipeline.submit()
+    with pytest.raises(BatchFailed) as lost:
+        while pipeline.moving:
+            pipeline.collect(timeout=0.1)
+    yield {"cfg": cfg, "reports": reports, "in_flight": in_flight, "run_dir": run_dir, "stats": stats,
+           "failed": failed.value, "lost": lost.value, "sends": sends, "retries": list(pipeline.retries)}
     for handle in [*pipeline.actors().values(), buffer]:
         ray.kill(handle)
 
@@ -112,6 +124,15 @@ def test_a_failing_stage_is_named_by_its_actor(streamed: dict) -> None:
     failed = streamed["failed"]
     assert failed.component == "solver0-careless.0", failed
     assert "MessageDecodeError" in str(failed)
+
+
+def test_a_lost_batch_is_sent_again_after_waits_that_double(streamed: dict) -> None:
+    attempts = [attempt for attempt, _ in streamed["sends"]]
+    assert attempts == [0, 1, 2]  # the first send and faults.batch_retries resends, then the run would fail
+    gaps = [later - earlier for (_, earlier), (_, later) in zip(streamed["sends"], streamed["sends"][1:])]
+    assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps  # batch_retry_backoff_s, then twice that
+    assert [retry["wait_s"] for retry in streamed["retries"]] == [0.5, 1.0]
+    assert streamed["lost"].component == "validator.0", streamed["lost"]
 
 
 def test_streaming_keeps_the_same_examples_as_the_synchronous_path(streamed: dict) -> None:
