@@ -30,7 +30,10 @@ class ProblemSource:
             rng = random.Random(self.cfg.run.seed)
             pool = []
             for i in range(domain.num_problems):
-                problem = generate_split_problem(rng, "train", domain.min_ops, domain.max_ops)
+                # the draw for a long problem only when asked for: the default pool stays what it was
+                long = domain.long_share > 0 and rng.random() < domain.long_share
+                ops = (domain.max_ops + 1, domain.long_max_ops) if long else (domain.min_ops, domain.max_ops)
+                problem = generate_split_problem(rng, "train", *ops)
                 pool.append(Problem(id=f"arith-train-{self.cfg.run.seed}-{i}", domain="arith",
                                     question=problem.text, answer=str(problem.answer),
                                     reference=render_solution(problem.correct_steps())))

@@ -298,6 +298,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         ("solvers[0].samples_per_problem=0", "solvers[0].samples_per_problem"),
         ("solvers=[]", "solvers"),
         ("domain.max_ops=1", "domain.max_ops"),
+        ("domain.long_share=1.5", "domain.long_share"),
         ("domain.num_problems=0", "domain.num_problems"),
         ("domain.heldout_seed=0", "domain.heldout_seed"),
         ("run.versions=0", "run.versions"),
@@ -316,6 +317,24 @@ def test_range_errors_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         apply_overrides(default_config(), [override])
     assert any(problem.startswith(f"{key}:") for problem in info.value.problems), str(info.value)
+
+
+def test_long_problems_need_more_operations_than_the_rest() -> None:
+    with pytest.raises(ConfigError, match="domain.long_max_ops: must be > domain.max_ops"):
+        apply_overrides(default_config(), ["domain.long_share=0.2", "domain.long_max_ops=5"])
+
+
+def test_long_share_sets_the_pools_share_of_long_problems() -> None:
+    from scrit.problems import ProblemSource
+
+    def operations(cfg) -> list[int]:  # "Step k:" lines of each reference solution
+        return [problem.reference.count("Step ") for problem in ProblemSource(cfg).pool]
+
+    short = operations(apply_overrides(default_config(), ["domain.num_problems=2000"]))
+    mixed = operations(apply_overrides(default_config(), ["domain.num_problems=2000", "domain.long_share=0.2"]))
+    assert set(short) == {2, 3, 4, 5}
+    assert set(mixed) == {2, 3, 4, 5, 6, 7, 8}
+    assert 0.16 < sum(n > 5 for n in mixed) / len(mixed) < 0.24
 
 
 def test_range_errors_are_all_reported() -> None:
