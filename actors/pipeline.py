@@ -217,13 +217,13 @@ class ProducerPipeline:
         """Queue ``batch`` to be sent again after its wait, or fail it once its retries are used up."""
         if batch.attempt >= self.cfg.faults.batch_retries:
             raise BatchFailed(component, error) from error
-        wait_s = self.retry_wait(batch.attempt)
+        wait_s = self._retry_wait(batch.attempt)
         self.retries.append({"batch_id": batch.batch_id, "component": component, "attempt": batch.attempt + 1,
                              "wait_s": wait_s, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
         self.waiting.append(_InFlight(batch.batch_id, batch.problems, batch.submitted, batch.attempt + 1,
                                       resend_at=time.monotonic() + wait_s))
 
-    def retry_wait(self, attempt: int) -> float:
+    def _retry_wait(self, attempt: int) -> float:
         """Seconds before resend ``attempt + 1``: ``faults.batch_retry_backoff_s``, doubled per resend,
         at most ``RETRY_WAIT_CAP_S``."""
         return min(self.cfg.faults.batch_retry_backoff_s * 2 ** attempt, RETRY_WAIT_CAP_S)
