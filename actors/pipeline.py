@@ -29,7 +29,7 @@ seeded by batch id, and the buffer stores a batch once). A batch that still fail
 (or the engine it calls) died is sent through the pipeline again, up to ``faults.batch_retries``
 times; only then does the run fail, naming the actor. Each resend waits first
 (``faults.batch_retry_backoff_s``, doubling per resend): when a node is lost, its actors answer
-"unavailable" at once until Ray notices the loss and restarts them elsewhere (20-50 s measured), and
+"unavailable" at once until Ray notices the loss and restarts them elsewhere (15-46 s measured), and
 resends without a wait used up every retry in that window. A stage that raises fails the run at once,
 naming its actor (``StageFailed``).
 """
@@ -245,7 +245,8 @@ class ProducerPipeline:
         return "pipeline"
 
     def drain(self, timeout: float) -> list[dict[str, Any]]:
-        """Finish the batches in flight (their examples reach the buffer) for up to ``timeout`` seconds."""
+        """Finish the batches in flight and those waiting to be sent again (their examples reach the buffer)
+        for up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         reports: list[dict[str, Any]] = []
         while self.moving and time.monotonic() < deadline:

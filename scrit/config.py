@@ -274,7 +274,7 @@ class FaultsConfig(_Section):
     actor_task_retries: AtLeast0 = 2  # an idempotent actor call whose actor died runs again on the restarted actor
     batch_retries: AtLeast0 = 4  # a pipeline batch whose actor died for good is sent through the pipeline again
     # seconds before the first resend, doubled for each later one (5, 10, 20, 40 s): long enough in all for
-    # Ray to notice a lost node and restart its actors elsewhere (20-50 s measured, docs/multinode.md)
+    # Ray to notice a lost node and restart its actors elsewhere (15-46 s measured, docs/multinode.md)
     batch_retry_backoff_s: Positive = 5.0
     train_max_failures: AtLeast0 = 3  # Ray Train restarts its workers this often (FailureConfig.max_failures)
 
