@@ -71,6 +71,13 @@ def version_dir(run_dir: str | os.PathLike[str], version: int) -> Path:
     return Path(run_dir).resolve() / VERSIONS_DIR / f"v{version:04d}"
 
 
+def trained_weights_path(run_dir: str | os.PathLike[str], version: int) -> Path:
+    """Where the trainer keeps its own weights at ``version`` when what it publishes is mixed with the
+    seed's (``train.seed_share``): a restarted trainer resumes from these, not from the published mix.
+    Outside ``versions/`` so that no engine loads them as part of a checkpoint."""
+    return Path(run_dir).resolve() / "trained" / f"v{version:04d}.safetensors"
+
+
 def checkpoint_checksum(directory: str | os.PathLike[str]) -> str:
     """sha256 over a checkpoint's weights and config: ``*.safetensors`` (sorted by name) + config.json.
 

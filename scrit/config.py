@@ -210,6 +210,10 @@ class TrainConfig(_Section):
     # of the batch as answers to their problems, so the critic keeps its arithmetic (0 = critiques only;
     # 0.25: CC-Acc +7 / +12 % vs +4 / +10 % without, docs/learning.md, fourth pass)
     rehearsal_share: Fraction = 0.25
+    # share of the seed's weights in every published version, (1 - s) x trained + s x seed (WiSE-FT): the
+    # published critic keeps what the seed could do beyond the loop's data (correct solutions called
+    # correct, longer problems); the trainer trains on, and resumes from, its own weights (run_dir/trained)
+    seed_share: Annotated[float, Meta(ge=0, lt=1)] = 0.0
 
 
 class ResourcesConfig(_Section):

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-__all__ = ["PackedWeights"]
+__all__ = ["PackedWeights", "mix_with_seed"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,33 @@ class PackedWeights:
     @property
     def nbytes(self) -> int:
         return sum(int(array.nbytes) for array in self.arrays.values())
+
+
+def mix_with_seed(trained: Mapping[str, torch.Tensor], seed: Mapping[str, torch.Tensor],
+                  seed_share: float) -> dict[str, torch.Tensor]:
+    """``(1 - seed_share) x trained + seed_share x seed``, tensor by tensor (``train.seed_share``).
+
+    Why: averaging a fine-tuned model's weights with the model it started from (WiSE-FT, Wortsman et
+    al. 2022) keeps much of the fine-tuning's gain and most of what the start model could do that the
+    fine-tuning data did not ask for; here, correct solutions called correct and problems longer than
+    the loop's (docs/learning.md, seventh pass). Sums in float32 and returns each tensor in its trained
+    dtype; tensors that share storage (tied embeddings) stay shared; integer buffers are the trained ones.
+    """
+    import torch
+
+    mixed: dict[str, torch.Tensor] = {}
+    done: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+    for name, tensor in trained.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key in done:
+            mixed[name] = done[key]
+            continue
+        value = tensor.detach()
+        if tensor.is_floating_point():
+            if name not in seed or tuple(seed[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"train.seed_share: the seed has no tensor {name!r} of shape {tuple(tensor.shape)}; "
+                                 "mixing needs the seed's architecture")
+            base = seed[name].detach().to(device=tensor.device, dtype=torch.float32)
+            value = (value.float() * (1.0 - seed_share) + base * seed_share).to(tensor.dtype)
+        done[key] = mixed[name] = value
+    return mixed

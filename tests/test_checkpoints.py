@@ -25,7 +25,7 @@ from scrit.checkpoints import (
     remove_unpublished_checkpoints,
 )
 from scrit.messages import WeightVersion
-from scrit.weights import PackedWeights
+from scrit.weights import PackedWeights, mix_with_seed
 
 
 def _checkpoint(path: Path, weights: bytes) -> Path:
@@ -235,3 +235,20 @@ def test_packed_weights_round_trip_dtypes_and_tied_tensors() -> None:
     assert set(back) == set(state)
     for name, tensor in state.items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+
+
+def test_mix_with_seed_weighs_each_tensor_keeps_dtypes_and_tied_tensors() -> None:
+    import torch
+
+    embed = torch.full((4, 2), 4.0)
+    trained = {"embed": embed, "head": embed, "norm": torch.full((2,), 2.0, dtype=torch.bfloat16),
+               "positions": torch.tensor([3, 4])}
+    seed = {"embed": torch.zeros(4, 2), "head": torch.zeros(4, 2), "norm": torch.ones(2), "positions": torch.tensor([0, 0])}
+    mixed = mix_with_seed(trained, seed, 0.25)
+    assert torch.equal(mixed["embed"], torch.full((4, 2), 3.0))  # 0.75 x 4 + 0.25 x 0
+    assert mixed["head"] is mixed["embed"]  # still tied: saved and packed once
+    assert mixed["norm"].dtype == torch.bfloat16 and torch.equal(mixed["norm"].float(), torch.full((2,), 1.75))
+    assert torch.equal(mixed["positions"], trained["positions"])  # integer buffers are not averaged
+    assert torch.equal(trained["embed"], torch.full((4, 2), 4.0))  # the trained weights are left as they were
+    with pytest.raises(ValueError, match="'norm'"):
+        mix_with_seed(trained, {**seed, "norm": torch.ones(3)}, 0.25)

@@ -208,6 +208,50 @@ def test_a_trainer_behind_its_wall_budget_publishes_smaller_versions_and_ends_it
     ray.kill(registry)
 
 
+def test_published_versions_mix_in_the_seed_and_a_restart_trains_on_from_the_trained_weights(
+        tmp_path: Path, seed_dir: Path) -> None:
+    """train.seed_share 0.5: every published version is half the seed's weights, half the trainer's;
+    the trainer's own weights stay in run_dir/trained (the latest only), and a restarted trainer loads
+    those, not the published mix; a torn file there is an error that names it."""
+    from safetensors.torch import load_file
+
+    from scrit.checkpoints import trained_weights_path
+    from scrit.train.trainer import _resume_trained_weights
+
+    run_dir = tmp_path / "run"
+    buffer = replay_buffer_actor(num_cpus=0.25, actor_options={"name": "buf-mix"}, run_dir=str(run_dir),
+                                 max_staleness=10, sync=False)
+    registry = weight_registry_actor(run_dir, seed_dir, name="reg-mix")
+    ray.get(buffer.put.remote(examples(40, version=0)))
+    cfg = make_cfg("mix", "ddp", versions=2)
+    cfg.train.num_workers, cfg.train.seed_share = 1, 0.5
+    run_training(cfg, run_dir, "buf-mix", "reg-mix")
+    assert ray.get(registry.latest.remote()).version == 2
+    assert not trained_weights_path(run_dir, 1).exists() and trained_weights_path(run_dir, 2).is_file()
+    seed, published = load_state(seed_dir), load_state(version_dir(run_dir, 2))
+    trained = load_file(str(trained_weights_path(run_dir, 2)))
+    assert any(not torch.allclose(trained[k], seed[k]) for k in seed)  # it trained
+    for name in seed:
+        torch.testing.assert_close(published[name], 0.5 * trained[name] + 0.5 * seed[name])
+    assert json.loads((version_dir(run_dir, 2) / "train_info.json").read_text())["seed_share"] == 0.5
+
+    restarted = _tiny_model(version_dir(run_dir, 2))  # what a restarted trainer loads first: the mix
+    _resume_trained_weights(restarted, str(run_dir), 2)
+    for name, tensor in restarted.state_dict().items():
+        assert torch.equal(tensor, trained[name])
+    trained_weights_path(run_dir, 2).write_bytes(b"torn")
+    with pytest.raises(RuntimeError, match="v0002.safetensors"):
+        _resume_trained_weights(restarted, str(run_dir), 2)
+    ray.kill(buffer)
+    ray.kill(registry)
+
+
+def _tiny_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+
+
 def test_lr_schedule_warms_up_decays_to_zero_and_resumes_where_it_was() -> None:
     from scrit.train.trainer import lr_scheduler
 

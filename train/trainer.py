@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from scrit.checkpoints import checkpoint_checksum, version_dir
+from scrit.checkpoints import checkpoint_checksum, trained_weights_path, version_dir
 from scrit.messages import TrainingExample, WeightVersion
 from scrit.train.budget import StepBudget, last_step
-from scrit.weights import PackedWeights
+from scrit.weights import PackedWeights, mix_with_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -346,9 +346,39 @@ def _sample_batch(
         time.sleep(POLL_S)
 
 
+def _resume_trained_weights(model: Any, run_dir: str, version: int) -> None:
+    """With ``train.seed_share`` the published versions are mixes: start from the trainer's own weights
+    at ``version`` (``_save_trained_weights``), or, where there are none (version 0, or a run that
+    published without a mix), from the published ones already loaded."""
+    from safetensors.torch import load_file
+
+    path = trained_weights_path(run_dir, version)
+    if version == 0 or not path.is_file():
+        if version > 0:
+            log.warning("no trained weights at %s: training on from published version %d (a mix)", path, version)
+        return
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as error:  # a torn or foreign file: say which, and stop (the run's failure contract)
+        raise RuntimeError(f"trained weights {path} cannot be loaded ({error}); delete the file to train on "
+                           f"from published version {version}") from error
+
+
+def _save_trained_weights(state: dict[str, Any], run_dir: str, version: int) -> None:
+    """The trainer's own weights at ``version`` (safetensors, temp file + rename: complete or absent)."""
+    from safetensors.torch import save_file
+
+    path = trained_weights_path(run_dir, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    # clone: safetensors refuses tensors that share storage (tied embeddings)
+    save_file({name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def _save_version(
     model_for_saving: Any, state_dict: dict[str, Any] | None, tokenizer: Any, run_dir: str, version: int,
-    source_uri: str, step: int, parent: int,
+    source_uri: str, step: int, parent: int, seed_share: float = 0.0,
 ) -> Path:
     """Write the checkpoint to a temp dir beside its final place, then rename it into place.
 
@@ -366,8 +396,8 @@ def _save_version(
     if seed_info.is_file():
         shutil.copy2(seed_info, tmp / SEED_INFO)
     (tmp / TRAIN_INFO).write_text(
-        json.dumps({"version": version, "step": step, "parent_version": parent, "parent_uri": source_uri},
-                   indent=2) + "\n"
+        json.dumps({"version": version, "step": step, "parent_version": parent, "parent_uri": source_uri,
+                    "seed_share": seed_share}, indent=2) + "\n"
     )
     if final.exists():
         stale = final.parent / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
@@ -476,6 +506,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(latest.uri, dtype=torch.float32, local_files_only=True)
     model.config.use_cache = False
     model.train()
+    seed_share = float(train["seed_share"])
+    seed_state: dict[str, Any] | None = None
+    if seed_share > 0:
+        _resume_trained_weights(model, config["run_dir"], version)
+        if rank == 0:  # rank 0 publishes, so it alone needs the seed's weights
+            seed_uri = ray.get(registry.get.remote(0)).uri
+            seed_state = AutoModelForCausalLM.from_pretrained(
+                seed_uri, dtype=torch.float32, local_files_only=True).state_dict()
 
     lr, ga = float(train["lr"]), max(1, int(train["grad_accum"]))
     bf16_supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -590,14 +628,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if engine is not None and int(train["zero_stage"]) == 3:
             state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
         if rank == 0:
+            if seed_state is not None:  # publish the mix; keep training (and resume) from the trained weights
+                trained = state_dict if state_dict is not None else unwrapped().state_dict()
+                _save_trained_weights(trained, config["run_dir"], version)
+                state_dict = mix_with_seed(trained, seed_state, seed_share)
             path = _save_version(unwrapped(), state_dict, tokenizer, config["run_dir"], version, parent_uri,
-                                 step, parent_version)
+                                 step, parent_version, seed_share)
             published = WeightVersion(version=version, uri=str(path), checksum=checkpoint_checksum(path), step=step)
             in_memory = None
             if config["weight_transport"] == "object_store":  # put once; subscribers reload from memory
                 in_memory = PackedWeights.pack(state_dict if state_dict is not None else unwrapped().state_dict())
             ray.get(registry.publish.remote(published, in_memory))
             del in_memory
+            if seed_state is not None:
+                trained_weights_path(config["run_dir"], version - 1).unlink(missing_ok=True)  # only the latest resumes
             if meter is not None:
                 meter.published(version)
             log.info("published critic version %d (step %d) at %s", version, step, path)
