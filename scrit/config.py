@@ -205,7 +205,7 @@ class TrainConfig(_Section):
     correction_weight: Positive = 1.0
     # x on the results computed on the line the critique marks wrong (on top of result_weight): the one
     # place where copying the student's result is not right
-    wrong_step_weight: Positive = 1.0
+    wrong_step_weight: Positive = 1.5  # x1.5 with seed_share 0.5: docs/learning.md, seventh pass
     # solver examples trained beside the critiques, per critique example: right-answer student solutions
     # of the batch as answers to their problems, so the critic keeps its arithmetic (0 = critiques only;
     # 0.25: CC-Acc +7 / +12 % vs +4 / +10 % without, docs/learning.md, fourth pass)
@@ -213,7 +213,7 @@ class TrainConfig(_Section):
     # share of the seed's weights in every published version, (1 - s) x trained + s x seed (WiSE-FT): the
     # published critic keeps what the seed could do beyond the loop's data (correct solutions called
     # correct, longer problems); the trainer trains on, and resumes from, its own weights (run_dir/trained)
-    seed_share: Annotated[float, Meta(ge=0, lt=1)] = 0.0
+    seed_share: Annotated[float, Meta(ge=0, lt=1)] = 0.5
 
 
 class ResourcesConfig(_Section):
