@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/learning.py run  --label default-s1 [--set KEY=VALUE ...] [--taskset 0]
     .venv/bin/python benchmarks/learning.py run  --label long-s0 --config configs/long.yaml --every 2
     .venv/bin/python benchmarks/learning.py eval --run-dir RUN_DIR --label NAME
+    .venv/bin/python benchmarks/learning.py mix  --run-dir RUN_DIR --shares 0,0.3,0.5
     .venv/bin/python benchmarks/learning.py plot [RESULTS.jsonl ...] [--labels A,B] --out docs/learning_curve.png
 
 * ``run``: ``scrit run`` (the built-in default or ``--config``, plus ``--set`` overrides) in a subprocess, optionally
@@ -15,6 +16,8 @@
   K-th version and the final one (a long run's curve at a fraction of the cost). Two evaluations
   run at once (one vLLM engine each, one per core). One JSON line per run is appended to
   ``--results`` (default ``benchmarks/results/learning.jsonl``, not committed).
+* ``mix``: ``train.seed_share`` after the fact: the run's final trained weights mixed with the seed's at
+  each of ``--shares``, each mix scored like a version (printed, not appended).
 * ``plot``: EI-F1 and CC-Acc against examples trained on, one line per run and set (matplotlib).
 
 No number here comes from inside the loop: the held-out problems are in a hash bucket no training
@@ -27,6 +30,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +83,49 @@ def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = F
         row = rows.setdefault(version, {"version": version, "model": uri, "examples": examples})
         row[bench] = {k: average.get(k) for k in ("n", "ei_f1", "cc_acc", "acc_err", "acc_cor", "ei_f1_scrit")}
     return [rows[v] for v in sorted(rows)]
+
+
+def mix_and_score(run_dir: Path, shares: list[float], items: int, hard_items: int) -> list[dict[str, Any]]:
+    """``train.seed_share`` after the fact: the run's final trained weights (``trained/`` where the run
+    published mixes, else its final version) mixed with the seed's at each share, each scored like a
+    version. Shows what a share would have given without running the loop again."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from scrit.checkpoints import read_registry, trained_weights_path
+    from scrit.weights import mix_with_seed
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = read_registry(run_dir)[-1]
+    model = AutoModelForCausalLM.from_pretrained(final.uri, dtype=torch.float32, local_files_only=True)
+    own = trained_weights_path(run_dir, final.version)
+    if own.is_file():
+        model.load_state_dict(load_file(str(own)))
+    elif float(summary["config"]["train"].get("seed_share", 0.0)) > 0:
+        raise SystemExit(f"{own} is missing: version {final.version} is a mix and the trainer's own weights are gone")
+    trained = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    seed = AutoModelForCausalLM.from_pretrained(summary["seed_model"], dtype=torch.float32,
+                                                local_files_only=True).state_dict()
+    out = Path(tempfile.mkdtemp(prefix="scrit-mix-"))
+    models = []
+    for share in shares:
+        model.load_state_dict(mix_with_seed(trained, seed, share))
+        path = out / f"share-{share:g}"
+        model.save_pretrained(str(path))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "seed_info.json"):
+            if (Path(final.uri) / name).is_file():
+                shutil.copy2(Path(final.uri) / name, path / name)
+        models.append((share, str(path)))
+    jobs = [(share, path, bench, n) for share, path in models
+            for bench, n in (("arith", items), ("arith-hard", hard_items)) if n > 0]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two engines, one per core
+        scores = list(pool.map(lambda job: score(job[1], job[2], job[3]), jobs))
+    rows: dict[float, dict[str, Any]] = {}
+    for (share, path, bench, _), average in zip(jobs, scores):
+        row = rows.setdefault(share, {"seed_share": share, "model": path})
+        row[bench] = {k: average.get(k) for k in ("n", "ei_f1", "cc_acc", "acc_err", "acc_cor", "ei_f1_scrit")}
+    return [rows[share] for share in shares]
 
 
 def run_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,6 +229,11 @@ def main() -> None:
     sub.choices["run"].add_argument("--hog", action="store_true", help="a busy-looping process beside the run")
     sub.choices["run"].add_argument("--timeout", type=float, default=5400)
     sub.choices["eval"].add_argument("--run-dir", type=Path, required=True)
+    mixing = sub.add_parser("mix")
+    mixing.add_argument("--run-dir", type=Path, required=True)
+    mixing.add_argument("--shares", default="0,0.3,0.5", help="comma-separated seed shares to score")
+    mixing.add_argument("--items", type=int, default=300)
+    mixing.add_argument("--hard-items", type=int, default=150)
     plotting = sub.add_parser("plot")
     plotting.add_argument("paths", nargs="*", type=Path, default=[RESULTS])
     plotting.add_argument("--out", type=Path, default=ROOT / "docs" / "learning_curve.png")
@@ -194,6 +246,11 @@ def main() -> None:
                   "curve": evaluate_run(args.run_dir, args.items, args.hard_items, args.ends_only, args.every)}
         _append(args.results, record)
         _print(record)
+    elif args.command == "mix":
+        for row in mix_and_score(args.run_dir, [float(x) for x in args.shares.split(",")], args.items, args.hard_items):
+            cells = [f"{bench}: EI-F1 {row[bench]['ei_f1']:.3f} CC-Acc {row[bench]['cc_acc']:.3f} "
+                     f"acc_cor {row[bench]['acc_cor']:.3f}" for bench in ("arith", "arith-hard") if bench in row]
+            print(f"  seed_share {row['seed_share']:g}: " + " | ".join(cells))
     else:
         plot(args.paths, args.out, args.labels.split(",") if args.labels else None)
 

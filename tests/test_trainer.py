@@ -234,6 +234,11 @@ def test_published_versions_mix_in_the_seed_and_a_restart_trains_on_from_the_tra
     for name in seed:
         torch.testing.assert_close(published[name], 0.5 * trained[name] + 0.5 * seed[name])
     assert json.loads((version_dir(run_dir, 2) / "train_info.json").read_text())["seed_share"] == 0.5
+    (stored,) = ray.get(registry.weights.remote(2))  # what subscribers load from the object store
+    in_memory = ray.get(stored).tensors()
+    assert in_memory.keys() == _tiny_model(seed_dir).state_dict().keys()  # every key, tied lm_head too
+    for name in seed:
+        torch.testing.assert_close(in_memory[name], published[name])
 
     restarted = _tiny_model(version_dir(run_dir, 2))  # what a restarted trainer loads first: the mix
     _resume_trained_weights(restarted, str(run_dir), 2)

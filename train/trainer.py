@@ -390,7 +390,9 @@ def _save_version(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     # transformers 5 always writes safetensors (its ``safe_serialization`` flag is gone).
-    model_for_saving.save_pretrained(str(tmp), state_dict=state_dict)
+    # a copy: save_pretrained drops tied keys (lm_head) from the dict it is given, and the caller then
+    # puts the same dict into the object store, where a strict load needs every key
+    model_for_saving.save_pretrained(str(tmp), state_dict=dict(state_dict) if state_dict is not None else None)
     tokenizer.save_pretrained(str(tmp))
     seed_info = Path(source_uri) / SEED_INFO
     if seed_info.is_file():
