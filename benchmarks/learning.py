@@ -74,15 +74,20 @@ def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = F
         models = [models[0], models[-1]] if len(models) > 1 else models
     elif every > 1:
         models = [model for index, model in enumerate(models) if index % every == 0 or index == len(models) - 1]
-    jobs = [(version, uri, examples, bench, n) for version, uri, examples in models
-            for bench, n in (("arith", items), ("arith-hard", hard_items)) if n > 0]
+    scores = score_models([uri for _, uri, _ in models], items, hard_items)
+    return [{"version": version, "model": uri, "examples": examples, **scores[uri]}
+            for version, uri, examples in models]
+
+
+def score_models(paths: list[str], items: int, hard_items: int) -> dict[str, dict[str, Any]]:
+    """Each model on both held-out sets: ``{path: {"arith": scores, "arith-hard": scores}}``."""
+    jobs = [(path, bench, n) for path in paths for bench, n in (("arith", items), ("arith-hard", hard_items)) if n > 0]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two engines, one per core
-        scores = list(pool.map(lambda job: score(job[1], job[3], job[4]), jobs))
-    rows: dict[int, dict[str, Any]] = {}
-    for (version, uri, examples, bench, _), average in zip(jobs, scores):
-        row = rows.setdefault(version, {"version": version, "model": uri, "examples": examples})
-        row[bench] = {k: average.get(k) for k in ("n", "ei_f1", "cc_acc", "acc_err", "acc_cor", "ei_f1_scrit")}
-    return [rows[v] for v in sorted(rows)]
+        averages = list(pool.map(lambda job: score(*job), jobs))
+    scores: dict[str, dict[str, Any]] = {path: {} for path in paths}
+    for (path, bench, _), average in zip(jobs, averages):
+        scores[path][bench] = {k: average.get(k) for k in ("n", "ei_f1", "cc_acc", "acc_err", "acc_cor", "ei_f1_scrit")}
+    return scores
 
 
 def mix_and_score(run_dir: Path, shares: list[float], items: int, hard_items: int) -> list[dict[str, Any]]:
@@ -108,24 +113,15 @@ def mix_and_score(run_dir: Path, shares: list[float], items: int, hard_items: in
     seed = AutoModelForCausalLM.from_pretrained(summary["seed_model"], dtype=torch.float32,
                                                 local_files_only=True).state_dict()
     out = Path(tempfile.mkdtemp(prefix="scrit-mix-"))
-    models = []
+    paths = []
     for share in shares:
-        model.load_state_dict(mix_with_seed(trained, seed, share))
         path = out / f"share-{share:g}"
+        shutil.copytree(final.uri, path)  # tokenizer and the rest; the weights are overwritten below
+        model.load_state_dict(mix_with_seed(trained, seed, share))
         model.save_pretrained(str(path))
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "seed_info.json"):
-            if (Path(final.uri) / name).is_file():
-                shutil.copy2(Path(final.uri) / name, path / name)
-        models.append((share, str(path)))
-    jobs = [(share, path, bench, n) for share, path in models
-            for bench, n in (("arith", items), ("arith-hard", hard_items)) if n > 0]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two engines, one per core
-        scores = list(pool.map(lambda job: score(job[1], job[2], job[3]), jobs))
-    rows: dict[float, dict[str, Any]] = {}
-    for (share, path, bench, _), average in zip(jobs, scores):
-        row = rows.setdefault(share, {"seed_share": share, "model": path})
-        row[bench] = {k: average.get(k) for k in ("n", "ei_f1", "cc_acc", "acc_err", "acc_cor", "ei_f1_scrit")}
-    return [rows[share] for share in shares]
+        paths.append(str(path))
+    scores = score_models(paths, items, hard_items)
+    return [{"seed_share": share, "model": path, **scores[path]} for share, path in zip(shares, paths)]
 
 
 def run_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,6 +26,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PackedWeights", "mix_with_seed"]
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...]]:
+    """Equal for two names of one tensor (tied embeddings), so it is packed or mixed once."""
+    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+
+
 @dataclass(frozen=True)
 class PackedWeights:
     """A state dict as numpy arrays (see the module docstring); ``tensors()`` gives it back."""
@@ -44,7 +49,7 @@ class PackedWeights:
         aliases: dict[str, str] = {}
         seen: dict[tuple[int, torch.dtype, tuple[int, ...]], str] = {}
         for name, tensor in state.items():
-            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+            key = _storage_key(tensor)
             if key in seen:
                 aliases[name] = seen[key]
                 continue
@@ -93,7 +98,7 @@ def mix_with_seed(trained: Mapping[str, torch.Tensor], seed: Mapping[str, torch.
     mixed: dict[str, torch.Tensor] = {}
     done: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
     for name, tensor in trained.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        key = _storage_key(tensor)
         if key in done:
             mixed[name] = done[key]
             continue

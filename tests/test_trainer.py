@@ -64,11 +64,14 @@ def make_cfg(name: str, strategy: str, versions: int) -> ScritConfig:
     )
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
+def load_model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in load_model(path).state_dict().items()}
 
 
 def wait_for_version(registry, version: int, timeout: float = 300):
@@ -236,11 +239,11 @@ def test_published_versions_mix_in_the_seed_and_a_restart_trains_on_from_the_tra
     assert json.loads((version_dir(run_dir, 2) / "train_info.json").read_text())["seed_share"] == 0.5
     (stored,) = ray.get(registry.weights.remote(2))  # what subscribers load from the object store
     in_memory = ray.get(stored).tensors()
-    assert in_memory.keys() == _tiny_model(seed_dir).state_dict().keys()  # every key, tied lm_head too
+    assert in_memory.keys() == seed.keys()  # every key, tied lm_head too
     for name in seed:
         torch.testing.assert_close(in_memory[name], published[name])
 
-    restarted = _tiny_model(version_dir(run_dir, 2))  # what a restarted trainer loads first: the mix
+    restarted = load_model(version_dir(run_dir, 2))  # what a restarted trainer loads first: the mix
     _resume_trained_weights(restarted, str(run_dir), 2)
     for name, tensor in restarted.state_dict().items():
         assert torch.equal(tensor, trained[name])
@@ -249,12 +252,6 @@ def test_published_versions_mix_in_the_seed_and_a_restart_trains_on_from_the_tra
         _resume_trained_weights(restarted, str(run_dir), 2)
     ray.kill(buffer)
     ray.kill(registry)
-
-
-def _tiny_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
 
 
 def test_lr_schedule_warms_up_decays_to_zero_and_resumes_where_it_was() -> None:
