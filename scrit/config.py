@@ -185,7 +185,7 @@ class TrainConfig(_Section):
     lr: Positive = 3e-4
     batch_size: AtLeast1 = 4  # examples per micro-batch (x grad_accum = examples per optimizer step)
     grad_accum: AtLeast1 = 2  # 4 x 2: the activations of 4 examples at a time (the trainer's peak memory)
-    steps_per_version: AtLeast1 = 50  # K: optimizer steps between published versions
+    steps_per_version: AtLeast1 = 80  # K: optimizer steps between published versions (6 x 80 fits 14 min here)
     # Fewer steps per version (steps_per_version at most) when the measured pace would not publish every
     # version inside run.max_wall_seconds (less 10 % for the final evaluation): a slow machine finishes
     # its versions and its learning-rate schedule instead of stopping part-way (train/budget.py).
@@ -205,7 +205,7 @@ class TrainConfig(_Section):
     correction_weight: Positive = 1.0
     # x on the results computed on the line the critique marks wrong (on top of result_weight): the one
     # place where copying the student's result is not right
-    wrong_step_weight: Positive = 1.5  # x1.5 with seed_share 0.5: docs/learning.md, seventh pass
+    wrong_step_weight: Positive = 1.5  # x1.5 with seed_share 0.5: docs/learning.md, seventh and eighth pass
     # solver examples trained beside the critiques, per critique example: right-answer student solutions
     # of the batch as answers to their problems, so the critic keeps its arithmetic (0 = critiques only;
     # 0.25: CC-Acc +7 / +12 % vs +4 / +10 % without, docs/learning.md, fourth pass)
