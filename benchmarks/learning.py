@@ -95,20 +95,19 @@ def mix_and_score(run_dir: Path, shares: list[float], items: int, hard_items: in
     published mixes, else its final version) mixed with the seed's at each share, each scored like a
     version. Shows what a share would have given without running the loop again."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from scrit.checkpoints import read_registry, trained_weights_path
+    from scrit.train.trainer import _resume_trained_weights
     from scrit.weights import mix_with_seed
 
     summary = json.loads((run_dir / "summary.json").read_text())
     final = read_registry(run_dir)[-1]
     model = AutoModelForCausalLM.from_pretrained(final.uri, dtype=torch.float32, local_files_only=True)
     own = trained_weights_path(run_dir, final.version)
-    if own.is_file():
-        model.load_state_dict(load_file(str(own)))
-    elif float(summary["config"]["train"].get("seed_share", 0.0)) > 0:
+    if not own.is_file() and float(summary["config"]["train"].get("seed_share", 0.0)) > 0:
         raise SystemExit(f"{own} is missing: version {final.version} is a mix and the trainer's own weights are gone")
+    _resume_trained_weights(model, str(run_dir), final.version)  # the trainer's loader: a torn file names itself
     trained = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     seed = AutoModelForCausalLM.from_pretrained(summary["seed_model"], dtype=torch.float32,
                                                 local_files_only=True).state_dict()
