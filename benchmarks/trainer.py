@@ -1,13 +1,15 @@
-"""P3: Ray Train SFT tokens/s vs a plain torch loop on the same model and batches, DDP and DeepSpeed.
+"""P3: Ray Train SFT tokens/s vs a plain torch loop on the same model and batches, DDP and DeepSpeed;
+P3b: the trainer's CPU path, one row of a batch at a time, vs the padded batch.
 
-    .venv/bin/python benchmarks/trainer.py [--steps 40] [--strategies ddp deepspeed]
+    .venv/bin/python benchmarks/trainer.py [--steps 40] [--strategies ddp deepspeed] [--padding-only]
 
 Both sides train the shipped seed critic with the project's SFT loss (``scrit.train.sft``), AdamW,
-bf16 autocast, gradient clipping, batch 8, one CPU thread, on the same pool of training examples
-(direct critiques of training-bucket arith problems, written as the loop writes them):
+bf16 autocast, gradient clipping, batch 8 plus its rehearsal rows, one CPU thread, on the same pool of
+training examples (direct critiques of training-bucket arith problems, written as the loop writes them):
 
 * **plain**: one process, the pool's batches in order, ``--steps`` optimizer steps, timed after two
-  warm-up steps;
+  warm-up steps; one row at a time against DDP (the trainer's CPU path), the padded batch against
+  DeepSpeed (which always runs the padded batch);
 * **Ray Train**: ``run_training`` with one worker, the pool in a replay-buffer actor (every example
   eligible, no backpressure), ``--steps`` steps per version for two versions; the rate is version 2's
   window (tokens / wall seconds between the two publishes: sampling from the buffer actor,
@@ -52,16 +54,20 @@ def example_pool(n: int = 512, seed: int = 3, split: str = "train", ops: tuple[i
     return pool
 
 
-def plain_loop(pool: list, steps: int) -> float:
-    """Tokens per second of a plain torch SFT loop (after two warm-up steps)."""
+def plain_loop(pool: list, steps: int, by_rows: bool = True) -> float:
+    """Tokens per second of a plain torch SFT loop (after two warm-up steps): each batch with its
+    rehearsal rows (``train.rehearsal_share``'s default, as the trainer adds them), either one row at a
+    time (``by_rows``, the trainer's CPU path, ``train.split_rows``) or as one padded batch."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from scrit.backends import resolve_model_path
     from scrit.backends.hf import load_tokenizer
-    from scrit.train.sft import encode_examples, sft_loss
+    from scrit.config import default_config
+    from scrit.train.sft import encode_examples, loss_denominator, rehearsal_examples, sft_loss, split_rows
 
     torch.set_num_threads(1)
+    share = default_config().train.rehearsal_share
     seed = resolve_model_path("seed")
     tokenizer = load_tokenizer(seed)
     model = AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32)
@@ -72,15 +78,29 @@ def plain_loop(pool: list, steps: int) -> float:
         if step == 2:
             tokens, started = 0, time.perf_counter()
         examples = [pool[(step * BATCH + i) % len(pool)] for i in range(BATCH)]
-        batch = encode_examples(tokenizer, examples, 1024)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = sft_loss(model, batch)
-        loss.backward()
+        batch = encode_examples(tokenizer, examples + rehearsal_examples(examples, share), 1024)
+        denominator = loss_denominator(batch)
+        for piece in split_rows(batch) if by_rows else [batch]:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = sft_loss(model, piece, denominator)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum())
     return tokens / (time.perf_counter() - started)
+
+
+def padding_ratio(pool: list, steps: int) -> None:
+    """P3b: the trainer's CPU path (one row at a time) against the padded batch, same batches, twice
+    each, interleaved so that drift on a shared machine hits both sides."""
+    padded, rows = [], []
+    for _ in range(2):
+        padded.append(plain_loop(pool, steps, by_rows=False))
+        rows.append(plain_loop(pool, steps, by_rows=True))
+    print(f"P3b padding: one row at a time {sum(rows) / 2:,.0f} tok/s ({rows[0]:,.0f} / {rows[1]:,.0f}) vs padded "
+          f"batch {sum(padded) / 2:,.0f} tok/s ({padded[0]:,.0f} / {padded[1]:,.0f}) = "
+          f"{sum(rows) / sum(padded):.2f}x (goal > 1.2x)", flush=True)
 
 
 def ray_train(pool: list, steps: int, strategy: str) -> float:
@@ -111,15 +131,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--strategies", nargs="+", default=["ddp", "deepspeed"], choices=["ddp", "deepspeed"])
+    parser.add_argument("--padding-only", action="store_true", help="only P3b (no Ray)")
     args = parser.parse_args()
+    pool = example_pool()
+    padding_ratio(pool, args.steps)
+    if args.padding_only:
+        return
     import ray
 
-    pool = example_pool()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     for strategy in args.strategies:
-        plain = plain_loop(pool, args.steps)
+        by_rows = strategy == "ddp"
+        plain = plain_loop(pool, args.steps, by_rows)
         trained = ray_train(pool, args.steps, strategy)
-        again = plain_loop(pool, args.steps)  # before and after: drift on a shared machine shows here
+        again = plain_loop(pool, args.steps, by_rows)  # before and after: drift on a shared machine shows here
         baseline = (plain + again) / 2
         print(f"P3 trainer ({strategy}): Ray Train {trained:,.0f} tok/s vs plain torch {plain:,.0f} / {again:,.0f} "
               f"tok/s = {trained / baseline:.2f}x (goal >= 0.9x)", flush=True)

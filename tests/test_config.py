@@ -324,6 +324,16 @@ def test_long_problems_need_more_operations_than_the_rest() -> None:
         apply_overrides(default_config(), ["domain.long_share=0.2", "domain.long_max_ops=5"])
 
 
+def test_split_rows_takes_auto_or_a_bool_and_not_deepspeed() -> None:
+    assert default_config().train.split_rows == "auto"
+    assert apply_overrides(default_config(), ["train.split_rows=false"]).train.split_rows is False
+    assert apply_overrides(default_config(), ["train.split_rows=auto", "train.strategy=deepspeed"]).train.strategy == "deepspeed"
+    with pytest.raises(ConfigError, match="train.split_rows: true needs train.strategy ddp"):
+        apply_overrides(default_config(), ["train.split_rows=true", "train.strategy=deepspeed"])
+    with pytest.raises(ConfigError, match="train.split_rows"):
+        apply_overrides(default_config(), ["train.split_rows=sometimes"])
+
+
 def test_long_share_sets_the_pools_share_of_long_problems() -> None:
     from scrit.problems import ProblemSource
 

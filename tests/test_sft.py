@@ -253,3 +253,38 @@ def test_weighted_loss_puts_each_tokens_weight_on_its_own_loss(tok, model) -> No
     doubled = dict(plain, loss_weights=(plain["labels"] != IGNORE_INDEX).float() * 2.0)
     with torch.no_grad():
         assert sft_loss(model, doubled)[0].item() == pytest.approx(plain_loss.item(), rel=1e-5)  # same scale
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_split_rows_give_the_padded_batchs_loss_and_gradient(tok, model, weighted: bool) -> None:
+    """The trainer's CPU path runs a micro-batch one row at a time, each row cut to its own length:
+    with the whole batch's denominator the pieces' losses add up to the padded batch's loss, and their
+    gradients to its gradient, while the pieces carry far fewer pad positions."""
+    from scrit.train.sft import LossWeights, loss_denominator, split_rows
+
+    examples = [ex("Q: 7*2", CRITIQUE, correct=False), ex("Q", "Step 1: 3 + 4 = 7: correct"), ex("x", "ok")]
+    batch = encode_examples(tok, examples, max_seq_len=512, pad_to_multiple_of=8,
+                            weights=LossWeights(4.0, 2.0, 3.0) if weighted else None)
+    assert ("loss_weights" in batch) is weighted
+    pieces = split_rows(batch, pad_to_multiple_of=8)
+    assert [p["input_ids"].shape for p in pieces] == [
+        (1, -(-int(n) // 8) * 8) for n in batch["attention_mask"].sum(dim=1)]
+    assert sum(p["input_ids"].numel() for p in pieces) < batch["input_ids"].numel()  # the pads left out
+
+    def gradient(parts: list[dict], denominator: float | None) -> tuple[float, int, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        total, n_total = 0.0, 0
+        for part in parts:
+            loss, n = sft_loss(model, part, denominator)
+            loss.backward()
+            total, n_total = total + loss.item(), n_total + n
+        return total, n_total, [p.grad.clone() for p in model.parameters()]
+
+    whole_loss, whole_n, whole_grad = gradient([batch], None)
+    split_loss, split_n, split_grad = gradient(pieces, loss_denominator(batch))
+    model.zero_grad(set_to_none=True)
+    assert split_n == whole_n and split_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(whole_grad, split_grad))
+    # Without the batch's denominator each piece would be its own mean: a different loss.
+    own_means = sum(sft_loss(model, p)[0].item() for p in pieces)
+    assert own_means != pytest.approx(whole_loss, rel=1e-3)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from scrit.messages import TrainingExample
 from scrit.prompts import critic_prompt_parts, solver_prompt, target_loss_weights
 
-__all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "rehearsal_examples", "token_losses", "sft_loss"]
+__all__ = ["IGNORE_INDEX", "LossWeights", "encode_examples", "loss_denominator", "rehearsal_examples", "split_rows",
+           "token_losses", "sft_loss"]
 
 
 @dataclass(frozen=True)
@@ -201,21 +202,53 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.pad(losses, (1, 0))
 
 
-def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+def loss_denominator(batch: dict[str, Any]) -> float:
+    """What ``sft_loss`` divides a batch's summed token losses by: the total weight of its target tokens
+    (``loss_weights``), or their number. Computed once for a whole micro-batch, it lets the micro-batch
+    run in pieces (``split_rows``) whose losses add up to the micro-batch's own."""
+    labels = batch["labels"]
+    if "loss_weights" in batch:
+        return float(batch["loss_weights"][:, 1:].sum())
+    return float((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def split_rows(batch: dict[str, Any], pad_to_multiple_of: int = 64) -> list[dict[str, Any]]:
+    """The rows of an encoded batch as batches of one, each cut to its own length rounded up to
+    ``pad_to_multiple_of`` (the few widths ``encode_examples`` also keeps to).
+
+    On a CPU a pad position costs as much as a real token, and a micro-batch's rows differ a lot in
+    length (a rehearsal row, a bare solution, is a fraction of a critique): one row at a time skips
+    most of the padding, 1.46x the tokens/s of the padded batch on one core here
+    (``benchmarks/trainer.py``). Right padding makes the cut exact: a row's real tokens never attend
+    to its pads, so its logits, and with ``loss_denominator`` its loss, are the padded batch's.
+    """
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    width = int(batch["input_ids"].shape[1])
+    pieces = []
+    for row, length in enumerate(lengths):
+        cut = min(width, -(-int(length) // pad_to_multiple_of) * pad_to_multiple_of)
+        pieces.append({key: value[row:row + 1, :cut] for key, value in batch.items() if isinstance(value, torch.Tensor)})
+    return pieces
+
+
+def sft_loss(model: Any, batch: dict[str, Any], denominator: float | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the target tokens of ``batch`` and how many target tokens there were.
 
     The mean is per token (not per example), so a long critique weighs in proportion to its length,
     the usual SFT convention; with ``loss_weights`` in the batch it is the weighted mean (the same
-    scale, the weight moved onto the tokens that carry it). ``model`` may be wrapped (DDP, DeepSpeed
-    engine): it is only called.
+    scale, the weight moved onto the tokens that carry it). ``denominator`` (``loss_denominator`` of a
+    whole micro-batch) replaces the batch's own when ``batch`` is one piece of it (``split_rows``).
+    ``model`` may be wrapped (DDP, DeepSpeed engine): it is only called.
     """
     labels = batch["labels"]
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     losses = token_losses(outputs.logits, labels.to(outputs.logits.device))
     n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum().item())
-    if n_tokens == 0:  # keeps the graph (and any collective in backward) alive with a zero loss
+    if denominator is None:
+        denominator = loss_denominator(batch)
+    if n_tokens == 0 or denominator <= 0:  # keeps the graph (and any collective in backward) alive with a zero loss
         return outputs.logits.sum() * 0.0, 0
     if "loss_weights" in batch:
         weights = batch["loss_weights"].to(losses.device)
-        return (losses * weights).sum() / weights[:, 1:].sum(), n_tokens
-    return losses.sum() / n_tokens, n_tokens
+        return (losses * weights).sum() / denominator, n_tokens
+    return losses.sum() / denominator, n_tokens

@@ -474,7 +474,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from scrit.backends.hf import load_tokenizer
     from scrit.memory import release_free_memory
-    from scrit.train.sft import sft_loss
+    from scrit.train.sft import loss_denominator, sft_loss, split_rows
 
     from scrit.rundir import record_process
 
@@ -542,6 +542,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         forward_model = ray.train.torch.prepare_model(model)
         autocast_bf16 = want_bf16
+    # Each micro-batch one row at a time: a CPU spends as much on a pad position as on a real token
+    # (train/sft.py split_rows); a GPU runs the padded batch faster, and DeepSpeed counts micro-steps itself.
+    by_rows = engine is None and train["split_rows"] in (True, "auto" if device.type == "cpu" else True)
 
     def unwrapped() -> Any:
         if engine is not None:
@@ -579,20 +582,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else float("nan")
         else:
-            sync = contextlib.nullcontext()
-            if not boundary and hasattr(forward_model, "no_sync"):
-                sync = forward_model.no_sync()  # all-reduce gradients once per optimizer step
-            with sync:
-                with autocast():
-                    loss, n_target = sft_loss(forward_model, batch)
-                (loss / ga).backward()
+            pieces = split_rows(batch) if by_rows else [batch]
+            denominator = loss_denominator(batch)  # the pieces' losses add up to the micro-batch's
+            loss, n_target = 0.0, 0
+            for index, piece in enumerate(pieces):
+                sync = contextlib.nullcontext()
+                if not (boundary and index == len(pieces) - 1) and hasattr(forward_model, "no_sync"):
+                    sync = forward_model.no_sync()  # all-reduce gradients once per optimizer step
+                with sync:
+                    with autocast():
+                        piece_loss, piece_target = sft_loss(forward_model, piece, denominator)
+                    (piece_loss / ga).backward()
+                loss += float(piece_loss.detach())
+                n_target += piece_target
             if boundary:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(forward_model.parameters(), float(train["max_grad_norm"])))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         micro += 1
-        window["loss_sum"] += float(loss.detach())
+        window["loss_sum"] += float(loss)
         window["micro"] += 1
         window["tokens"] += int(batch["attention_mask"].sum())
         window["target_tokens"] += n_target
