@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,24 @@ class EngineUnavailable(RuntimeError):
         return f"{self.component}: {self.message}"
 
 
+def lower_priority(increment: int) -> None:
+    """Add ``increment`` to the OS nice value of every thread of this process. On Linux the nice value is
+    per thread (a new thread takes its creator's), so each thread already running is reniced; elsewhere
+    ``os.nice`` covers the process. Raising a nice value needs no privilege; lowering it back would."""
+    if increment <= 0:
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        os.nice(increment)
+        return
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            continue
+
+
 class EngineHost:
     """The Ray shell of one engine host (see the module docstring)."""
 
@@ -52,6 +71,7 @@ class EngineHost:
         from scrit.rundir import record_process
 
         torch.set_num_threads(max(1, math.floor(spec.num_cpus)))  # more threads than CPUs only fight
+        lower_priority(spec.nice)  # before the engines start their threads, which inherit it
         if run_dir:
             record_process(run_dir, spec.name)  # a restarted host shows up again: restarts are counted
         self.name = spec.name

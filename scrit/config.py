@@ -171,7 +171,7 @@ class BufferConfig(_Section):
     correct_ratio: Fraction = 0.5  # share of examples whose student solution was correct (0.5 = 1:1)
     max_staleness: AtLeast0 = 2  # versions an example may lag the trainer; 0 = synchronous rounds
     max_ahead: AtLeast1 = 160  # backpressure: examples producers may hold beyond what the trainer consumed
-    max_reuse: AtLeast0 = 3  # times an example may be drawn before it retires (0 = unlimited)
+    max_reuse: AtLeast0 = 5  # times an example may be drawn before it retires (0 = unlimited; 5: docs/learning.md, ninth pass)
     strict: bool = True  # a batch short of one class waits (True) or is filled from the other (False)
 
 
@@ -226,6 +226,10 @@ class ResourcesConfig(_Section):
     engine_num_cpus: NonNegative = 0.25  # every engine actor (critic and solver engines do the generating)
     engine_num_gpus: NonNegative = 0.0
     engine_max_concurrency: AtLeast1 = 16  # role calls one engine serves at once (continuous batching)
+    # Added to every engine actor's OS nice value: where the processes outnumber the cores, the trainer (the
+    # consumer of what the engines generate) goes first, and the engines take what it leaves; with spare
+    # cores it changes nothing. 0 = equal priority.
+    engine_nice: Annotated[int, Meta(ge=0, le=19)] = 10
     # Replica k of every model's engine in one actor process (one copy of torch and vLLM): right for CPU
     # machines; on GPU clusters give each engine its own actor and GPUs (false).
     colocate_engines: bool = True

@@ -74,6 +74,7 @@ class EngineSpec(msgspec.Struct, frozen=True, kw_only=True):
     num_cpus: float = 0.25  # per engine actor
     num_gpus: float = 0.0
     max_concurrency: int = 16  # calls an engine actor serves at once (continuous batching on vLLM)
+    nice: int = 0  # added to the engine actor's OS nice value (resources.engine_nice)
 
     @property
     def label(self) -> str:
@@ -92,6 +93,7 @@ class EngineHostSpec(msgspec.Struct, frozen=True, kw_only=True):
     num_cpus: float
     num_gpus: float
     max_concurrency: int
+    nice: int = 0  # added to the actor process's OS nice value (the largest of its engines')
 
 
 class SolverSettings(msgspec.Struct, frozen=True, kw_only=True, tag="solver"):
@@ -191,7 +193,7 @@ def engine_spec(cfg: ScritConfig, name: str, model: str, backend: Backend, style
         follows=follows, vllm=cfg.vllm, replicas=replicas,
         num_cpus=res.engine_num_cpus if num_cpus is None else num_cpus,
         num_gpus=res.engine_num_gpus if num_gpus is None else num_gpus,
-        max_concurrency=res.engine_max_concurrency,
+        max_concurrency=res.engine_max_concurrency, nice=res.engine_nice,
     )
 
 
@@ -264,14 +266,15 @@ def engine_hosts(engines: list[EngineSpec], colocate: bool) -> list[EngineHostSp
     index holding that replica of every model (sizes add up)."""
     if not colocate:
         return [EngineHostSpec(name=f"{engine.label}.{k}", engines=[engine], num_cpus=engine.num_cpus,
-                               num_gpus=engine.num_gpus, max_concurrency=engine.max_concurrency)
+                               num_gpus=engine.num_gpus, max_concurrency=engine.max_concurrency, nice=engine.nice)
                 for engine in engines for k in range(engine.replicas)]
     hosts = []
     for k in range(max(engine.replicas for engine in engines)):
         held = [engine for engine in engines if engine.replicas > k]
         hosts.append(EngineHostSpec(name=f"engines.{k}", engines=held, num_cpus=sum(e.num_cpus for e in held),
                                     num_gpus=sum(e.num_gpus for e in held),
-                                    max_concurrency=sum(e.max_concurrency for e in held)))
+                                    max_concurrency=sum(e.max_concurrency for e in held),
+                                    nice=max(e.nice for e in held)))
     return hosts
 
 

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -388,7 +389,9 @@ def test_solver_actor_and_a_failing_stage_named_after_its_role(ray_session, tiny
 
     spec = _engine("solver0-tiny", tiny_models[0], follows=False)
     prefix = f"{uuid.uuid4().hex[:8]}/"
+    spec = msgspec.structs.replace(spec, nice=7)
     hosts = engine_hosts([spec], colocate=True)
+    assert hosts[0].nice == 7
     engines = start_engine_hosts(hosts, None, prefix=prefix)
     role = _role("solver", spec, SamplingParams(temperature=1.0, max_new_tokens=16, seed=3),
                  SolverSettings(samples_per_problem=2), name="solver0-tiny")
@@ -403,6 +406,13 @@ def test_solver_actor_and_a_failing_stage_named_after_its_role(ray_session, tiny
     again = decode(ray.get(solver.stage.remote(encode(_batch(4)))), SolutionBatch)
     assert [s.text for s in again.solutions] == [s.text for s in out.solutions]
     assert ray.get(solver.stats.remote())["items"] == 8
+    # The engine host runs below normal priority, every thread of it (the generating ones included), so the
+    # trainer goes first where processes outnumber cores.
+    pid = ray.get(engines[hosts[0].name].__ray_call__.remote(lambda host: os.getpid()))
+    # Ray starts a worker's own threads at this process's nice value and its main thread at 15 more
+    # (RAY_worker_niceness), so every thread is at least 7 only if each one was reniced.
+    niceness = [os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+    assert min(niceness) >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7), niceness
     # A stage that raises names its actor, whatever Ray calls the method.
     with pytest.raises(StageFailed) as caught:
         ray.get(solver.stage.remote(b"not a batch"))
@@ -421,6 +431,7 @@ def test_make_role_builds_every_role_of_the_default_plan() -> None:
     assert [e.name for e in plan.engines] == ["critic", "solver0-careless"]
     # On CPU both models share one host process; a cluster config gives each replica its own actor.
     assert [(h.name, [e.name for e in h.engines]) for h in plan.hosts] == [("engines.0", ["critic", "solver0-careless"])]
+    assert plan.hosts[0].nice == 10 and plan_run(load_config(None, ["resources.engine_nice=0"])).hosts[0].nice == 0
     split = plan_run(load_config(None, ["resources.colocate_engines=false", "critic.engines=2"]))
     assert [h.name for h in split.hosts] == ["critic-engine.0", "critic-engine.1", "solver0-careless-engine.0"]
     assert split.hosts_of(split.engines[0]) == ["critic-engine.0", "critic-engine.1"]
