@@ -185,7 +185,7 @@ class TrainConfig(_Section):
     lr: Positive = 3e-4
     batch_size: AtLeast1 = 4  # examples per micro-batch (x grad_accum = examples per optimizer step)
     grad_accum: AtLeast1 = 2  # 4 x 2: the activations of 4 examples at a time (the trainer's peak memory)
-    steps_per_version: AtLeast1 = 80  # K: optimizer steps between published versions (6 x 80 fits 14 min here)
+    steps_per_version: AtLeast1 = 110  # K: optimizer steps between published versions (6 x 110 fits 13 min here)
     # Fewer steps per version (steps_per_version at most) when the measured pace would not publish every
     # version inside run.max_wall_seconds (less 10 % for the final evaluation): a slow machine finishes
     # its versions and its learning-rate schedule instead of stopping part-way (train/budget.py).
@@ -193,7 +193,7 @@ class TrainConfig(_Section):
     max_seq_len: Annotated[int, Meta(ge=16)] = 1024
     bf16: bool = True  # bf16 autocast is ~1.6x faster than fp32 on the dev CPUs
     # Run each micro-batch one row at a time, each row cut to its own length: no compute on padding
-    # (1.46x tokens/s on one core here, benchmarks/trainer.py), the same loss and gradient; auto = on CPU
+    # (1.47x tokens/s on one core here, benchmarks/trainer.py), the same loss and gradient; auto = on CPU
     # (a GPU runs the padded batch faster). ddp only: DeepSpeed counts its own micro-steps.
     split_rows: bool | Literal["auto"] = "auto"
     weight_decay: NonNegative = 0.0

@@ -218,7 +218,7 @@ def split_rows(batch: dict[str, Any], pad_to_multiple_of: int = 64) -> list[dict
 
     On a CPU a pad position costs as much as a real token, and a micro-batch's rows differ a lot in
     length (a rehearsal row, a bare solution, is a fraction of a critique): one row at a time skips
-    most of the padding, 1.46x the tokens/s of the padded batch on one core here
+    most of the padding, 1.47x the tokens/s of the padded batch on one core here
     (``benchmarks/trainer.py``). Right padding makes the cut exact: a row's real tokens never attend
     to its pads, so its logits, and with ``loss_denominator`` its loss, are the padded batch's.
     """

@@ -544,7 +544,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         autocast_bf16 = want_bf16
     # Each micro-batch one row at a time: a CPU spends as much on a pad position as on a real token
     # (train/sft.py split_rows); a GPU runs the padded batch faster, and DeepSpeed counts micro-steps itself.
-    by_rows = engine is None and train["split_rows"] in (True, "auto" if device.type == "cpu" else True)
+    split = train["split_rows"]
+    by_rows = engine is None and (split is True or (split == "auto" and device.type == "cpu"))
 
     def unwrapped() -> Any:
         if engine is not None:
