@@ -50,6 +50,11 @@ class LossWeights:
 
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
+PAD_MULTIPLE = 64  # batch widths (and split_rows' row lengths) round up to this: few shapes for oneDNN's caches
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
@@ -77,7 +82,7 @@ def encode_examples(
     max_seq_len: int,
     *,
     chat_template: bool = False,
-    pad_to_multiple_of: int = 64,
+    pad_to_multiple_of: int = PAD_MULTIPLE,
     weights: LossWeights | None = None,
 ) -> dict[str, Any]:
     """Tokenise a batch for causal-LM SFT with the loss on target tokens only.
@@ -134,7 +139,7 @@ def encode_examples(
 
     width = max((len(ids) for ids, _ in rows), default=0)
     if width and pad_to_multiple_of > 1:
-        width = min(max(max_seq_len, width), -(-width // pad_to_multiple_of) * pad_to_multiple_of)
+        width = min(max(max_seq_len, width), _round_up(width, pad_to_multiple_of))
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -212,7 +217,7 @@ def loss_denominator(batch: dict[str, Any]) -> float:
     return float((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def split_rows(batch: dict[str, Any], pad_to_multiple_of: int = 64) -> list[dict[str, Any]]:
+def split_rows(batch: dict[str, Any], pad_to_multiple_of: int = PAD_MULTIPLE) -> list[dict[str, Any]]:
     """The rows of an encoded batch as batches of one, each cut to its own length rounded up to
     ``pad_to_multiple_of`` (the few widths ``encode_examples`` also keeps to).
 
@@ -226,7 +231,7 @@ def split_rows(batch: dict[str, Any], pad_to_multiple_of: int = 64) -> list[dict
     width = int(batch["input_ids"].shape[1])
     pieces = []
     for row, length in enumerate(lengths):
-        cut = min(width, -(-int(length) // pad_to_multiple_of) * pad_to_multiple_of)
+        cut = min(width, _round_up(int(length), pad_to_multiple_of))
         pieces.append({key: value[row:row + 1, :cut] for key, value in batch.items() if isinstance(value, torch.Tensor)})
     return pieces
 
