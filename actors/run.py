@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scrit.config import ScritConfig, config_to_dict, dump_yaml
+from scrit.evaluate import eval_due
 from scrit.rundir import (
     EventLog,
     RunDirError,
@@ -107,6 +108,10 @@ class SelfPlayRun:
             # loaded before, it works. Cause not found; the driver needs torch later anyway.
             import torch  # noqa: F401
 
+            # Ray Serve's controller polls its deployments every 0.1 s: 5 % of a core, idle, here; every
+            # second halves that and still follows a replica's death within its health-check period (10 s).
+            # Only a Ray this process starts sees it (a cluster's controller runs in the cluster's env).
+            os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "1.0")
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, namespace=self.namespace,
                      log_to_driver=False, include_dashboard=False)
         else:
@@ -298,17 +303,19 @@ class SelfPlayRun:
         self.on_event(event)
 
     # ------------------------------------------------------------------------------ evaluation
-    def _schedule_evals(self, latest_version: int) -> None:
-        """Queue a held-out evaluation for every version not yet scored (only the seed and the latest
-        with ``run.eval_every_version: false``). The evaluator scores what the critic's engine serves,
-        at least the version asked for: a version the engine had already moved past is skipped."""
+    def _schedule_evals(self, latest_version: int, final: bool = False) -> None:
+        """Queue a held-out evaluation for every due version not yet scored: the seed, every
+        ``run.eval_every``-th version, the last one planned and, once the run ends (``final``), the last
+        one published. The evaluator scores what the critic's engine serves, at least the version asked
+        for: a version the engine had already moved past is skipped."""
         if self.evaluator is None:
             return
         queued = set(self.pending_evals.values())
         for version in range(0, latest_version + 1):
             if version in self.evals or version in queued or version in self.skipped_evals:
                 continue
-            if version not in (0, latest_version) and not self.cfg.run.eval_every_version:
+            if not eval_due(version, self.cfg.run.eval_every, self.cfg.run.versions,
+                            latest_version if final else None):
                 continue
             self.pending_evals[self.evaluator.evaluate.remote(version)] = version
 
@@ -359,7 +366,7 @@ class SelfPlayRun:
             latest = ray.get(self.registry.latest.remote()) if self.registry is not None else None
             if status == "completed" and latest is not None:
                 for _ in range(EVAL_RETRIES + 1):  # an evaluation lost with its node is asked again
-                    self._schedule_evals(latest.version)
+                    self._schedule_evals(latest.version, final=True)
                     if not self.pending_evals:
                         break
                     self._collect_evals(wait=True)

@@ -85,7 +85,10 @@ class RunConfig(_Section):
     seed: int = 0
     max_wall_seconds: Positive = 840.0  # the whole run stops (cleanly) after this long
     versions: AtLeast1 = 6  # critic versions to publish after the seed (version 0)
-    eval_every_version: bool = True  # held-out EI-F1 / CC-Acc after each published version
+    # Held-out EI-F1 / CC-Acc of every K-th version, the seed (version 0) and the final one. The evaluator
+    # shares the critic's engine: scoring all 7 versions took ~20 % of its work on two cores, ~40 % on one
+    # (docs/learning.md, tenth pass); 2 scores 0, 2, 4, 6; 1 every version.
+    eval_every: AtLeast1 = 2
     heldout_eval_items: AtLeast0 = 64  # in-run held-out items per version (2-5 operations); 0 disables evaluation
     heldout_hard_items: AtLeast0 = 32  # in-run harder held-out items per version (6-8 operations)
     keep_serving: bool = False  # leave the Serve endpoint up after the last version

@@ -162,6 +162,14 @@ def evaluate(backend: InferenceBackend, items: Sequence[EvalItem], mode: str = "
     return score_texts(items, generate_all(backend, prompts, sampling, batch_size, on_batch), mode)
 
 
+def eval_due(version: int, every: int, planned_versions: int, last_published: int | None = None) -> bool:
+    """Whether the run's in-run evaluation scores ``version`` (``run.eval_every``): the seed (version 0),
+    every ``every``-th version, the last one planned, and ``last_published`` (the run's last version,
+    once it ended, also where the wall limit stopped it short of the plan). Each score shares the
+    critic's engine with the loop, so scoring fewer versions leaves the loop more generation."""
+    return version % every == 0 or version in (planned_versions, last_published)
+
+
 def score_texts(items: Sequence[EvalItem], texts: Sequence[str], mode: str = "direct") -> dict[str, Any]:
     """Scores of the model's outputs for ``items`` (critiques, or solutions in ``solve`` mode), as
     ``{"splits": {name: metrics}, "average": metrics}``."""

@@ -17,6 +17,7 @@ from scrit.domains.evalsets import (
     split_paragraphs,
     write_eval_jsonl,
 )
+from scrit.evaluate import eval_due
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -260,3 +261,14 @@ def test_the_harder_arith_set_has_6_to_8_operations_from_the_heldout_bucket() ->
     assert all(arith_split(item.problem) == "heldout" for item in hard)
     assert 10 <= sum(item.label >= 0 for item in hard) <= 30  # about half carry a wrong step
     assert not {i.problem for i in hard} & {i.problem for i in build_arith_evalset(300)}  # its own problems
+
+
+@pytest.mark.parametrize(("every", "planned", "last_published", "scored"), [
+    (1, 6, None, [0, 1, 2, 3, 4, 5, 6]),
+    (2, 6, None, [0, 2, 4, 6]),
+    (2, 5, None, [0, 2, 4, 5]),  # the last planned version, though odd
+    (2, 6, 3, [0, 2, 3, 4, 6]),  # the run ended at version 3 (wall limit): its last version too
+    (4, 6, None, [0, 4, 6]),
+])
+def test_in_run_evaluation_scores_the_seed_every_kth_and_the_last_version(every, planned, last_published, scored):
+    assert [v for v in range(planned + 1) if eval_due(v, every, planned, last_published)] == scored

@@ -166,7 +166,7 @@ def test_versions_reach_every_subscriber_from_memory(two_workers: LocalCluster, 
     for engine in critic_engines:  # the engine host's critic engine (the evaluator scores through it too)
         assert engine["version"] == versions and engine["swap_errors"] == 0
         assert engine["transports"] == {"object_store": engine["swaps"]} and engine["swaps"] >= 1
-    assert {e["version"] for e in summary["evals"]} == set(range(versions + 1))
+    assert {e["version"] for e in summary["evals"]} == {0, versions}  # run.eval_every 2: the seed and version 2
     assert health["critic_version"] == versions and health["swap_errors"] == 0  # the Serve replica
     assert health["swaps"] >= 1 and {s["transport"] for s in health["recent_swaps"]} == {"object_store"}
 
