@@ -24,11 +24,12 @@ Guarantees and choices:
   running epoch after epoch over the same few examples (in one run at lr 3e-4 without a cap the
   critic came to flag nearly every solution and the validator's pass rate fell to 0.15).
 * **Backpressure.** ``room()`` = ``max_ahead`` minus the examples the trainer can already use and has
-  not drawn yet (fresh enough, in balanced batches; with ``max_reuse``, the draws they have left over
-  ``max_reuse``: an example drawn once counts two thirds at ``max_reuse: 3``), never below 0; the
-  driver sends new batches into the pipeline only while there is room. Producers thus run at most
-  ``max_ahead`` usable examples ahead of the trainer, and CPU or GPUs a faster producer would spend
-  on examples nobody trains on go to the trainer instead. A class that is short (strict balance
+  never drawn (fresh enough, in balanced batches), never below 0; the driver sends new batches into
+  the pipeline only while there is room. Producers thus run at most ``max_ahead`` fresh examples ahead
+  of the trainer: what they make beyond that would go stale before the trainer reached it. Examples
+  already drawn do not hold producers back: a trainer that reuses them is short of fresh data, which
+  its producers should be making (the engines run below the trainer's priority, so on a machine
+  without spare cores they take only what the trainer leaves). A class that is short (strict balance
   waiting for it) keeps the room open, so the trainer is never blocked by its own producers.
 """
 
@@ -161,16 +162,16 @@ class ReplayBuffer:
                 "buffer_ready": stats["ready"], "buffer_room": stats["room"]}
 
     def _ready(self, pools: dict[bool, list[tuple[int, TrainingExample]]]) -> int:
-        """Examples' worth of training the trainer can still do without new data, counted in whole
-        balanced batches (the scarcer class limits them): the never-drawn examples of each class, or
-        with ``max_reuse`` the draws each example has left, divided by ``max_reuse``. With a reuse cap,
-        counting only never-drawn examples kept producers making examples the trainer would not need for
-        another two epochs, on CPU the trainer needed (a one-core run drew 800 times from 749 kept)."""
-        if self.max_reuse:
-            fresh = {label: sum(self.max_reuse - self._draws.get(seq, 0) for seq, _ in pool) / self.max_reuse
-                     for label, pool in pools.items()}
-        else:
-            fresh = {label: sum(1 for seq, _ in pool if seq not in self._draws) for label, pool in pools.items()}
+        """Fresh examples the trainer has waiting, counted in whole balanced batches (the scarcer class
+        limits them): the never-drawn examples of each class.
+
+        Counting the draws an example has left instead (``max_reuse``: drawn once = two thirds of an
+        example ahead) held the producers back while the trainer went over the same examples again:
+        on two cores the pipeline stood idle from the fifth batch on (no room, no batch in flight)
+        and the run kept 1,272 examples that the trainer drew 3.0 times each (docs/learning.md, tenth
+        pass). That counting dates from before the engines ran below the trainer's priority, when
+        every example made ahead took CPU the trainer needed."""
+        fresh = {label: sum(1 for seq, _ in pool if seq not in self._draws) for label, pool in pools.items()}
         if self.correct_ratio <= 0.0:
             return int(fresh[False])
         if self.correct_ratio >= 1.0:

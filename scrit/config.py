@@ -173,7 +173,7 @@ class BufferConfig(_Section):
     capacity: AtLeast1 = 2048
     correct_ratio: Fraction = 0.5  # share of examples whose student solution was correct (0.5 = 1:1)
     max_staleness: AtLeast0 = 2  # versions an example may lag the trainer; 0 = synchronous rounds
-    max_ahead: AtLeast1 = 160  # backpressure: examples producers may hold beyond what the trainer consumed
+    max_ahead: AtLeast1 = 160  # backpressure: producers wait while the trainer has this many never-drawn examples
     max_reuse: AtLeast0 = 5  # times an example may be drawn before it retires (0 = unlimited; 5: docs/learning.md, ninth pass)
     strict: bool = True  # a batch short of one class waits (True) or is filled from the other (False)
 

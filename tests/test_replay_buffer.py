@@ -474,19 +474,18 @@ def test_put_batch_stores_a_batch_once_and_reports_it(tmp_path: Path) -> None:
     restarted.close()
 
 
-def test_backpressure_with_a_reuse_cap_counts_the_draws_left(tmp_path: Path) -> None:
-    """With ``max_reuse`` an example drawn once is still two thirds of an example's training ahead:
-    producers wait until the trainer has used most of what it may still draw, not only the fresh ones."""
+def test_backpressure_with_a_reuse_cap_counts_only_examples_never_drawn(tmp_path: Path) -> None:
+    """Examples the trainer has drawn do not hold the producers back: a trainer that reuses them is
+    short of fresh data. Only fresh, never-drawn examples fill the room."""
     buf = ReplayBuffer(tmp_path, capacity=100, max_ahead=10, max_reuse=3)
     _pool(buf, 6, 6)
-    assert buf.room() == 0  # 12 examples x 3 draws left = 12 examples' worth ahead
-    for _ in range(3):  # 12 draws: every example once
+    assert buf.room() == 0  # 12 fresh examples ahead
+    assert buf.sample(4, 0) is not None
+    assert buf.room() == 2  # 8 fresh left; counting the draws left (12 x 3 - 4) / 3 would say 0
+    for _ in range(2):  # every example drawn once
         assert buf.sample(4, 0) is not None
-    assert buf.room() == 2  # 24 draws left / 3 = 8 ahead; counting fresh examples alone would say 10
-    for _ in range(3):  # every example twice
-        assert buf.sample(4, 0) is not None
-    assert buf.room() == 6  # 12 draws left = 4 examples' worth
-    for _ in range(3):  # a third time: all retired
+    assert buf.room() == 10  # nothing fresh: room for a whole max_ahead, although 24 draws are left
+    for _ in range(6):  # the trainer goes on over them, twice more, while the producers work
         assert buf.sample(4, 0) is not None
     assert buf.room() == 10 and buf.sample(4, 0) is None
     buf.close()
