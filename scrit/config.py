@@ -116,8 +116,9 @@ class DomainConfig(_Section):
     min_ops: AtLeast1 = 2  # arith: operations per problem
     max_ops: AtLeast1 = 5
     # arith: this share of the pool gets max_ops+1 .. long_max_ops operations instead, so a critic trained
-    # mostly on short chains keeps what it knows of long ones (0 = none: the pool of earlier runs)
-    long_share: Fraction = 0.0
+    # mostly on short chains keeps what it knows of long ones (0 = none: the pool before the tenth pass;
+    # 0.15: the harder held-out set well above the seed, docs/learning.md, tenth pass)
+    long_share: Fraction = 0.15
     long_max_ops: AtLeast1 = 8
     heldout_seed: int = 1_000_003  # held-out problems come from a different stream than run.seed
 
@@ -559,7 +560,8 @@ def _range_problems(cfg: ScritConfig) -> list[str]:
     need(cfg.domain.max_ops >= cfg.domain.min_ops, "domain.max_ops", f"must be >= domain.min_ops ({cfg.domain.min_ops})",
          cfg.domain.max_ops)
     need(cfg.domain.long_share == 0 or cfg.domain.long_max_ops > cfg.domain.max_ops, "domain.long_max_ops",
-         f"must be > domain.max_ops ({cfg.domain.max_ops}) when domain.long_share is above 0", cfg.domain.long_max_ops)
+         f"must be > domain.max_ops ({cfg.domain.max_ops}) when domain.long_share is above 0 "
+         f"(domain.long_share=0: no longer problems)", cfg.domain.long_max_ops)
     # The same seed for training and held-out problems would evaluate on the training set.
     need(cfg.domain.heldout_seed != cfg.run.seed, "domain.heldout_seed", "must differ from run.seed",
          cfg.domain.heldout_seed)
