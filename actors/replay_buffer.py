@@ -165,8 +165,8 @@ class ReplayBuffer:
         """Fresh examples the trainer has waiting, counted in whole balanced batches (the scarcer class
         limits them): the never-drawn examples of each class.
 
-        Counting the draws an example has left instead (``max_reuse``: drawn once = two thirds of an
-        example ahead) held the producers back while the trainer went over the same examples again:
+        Counting the draws an example has left instead (drawn once = 4/5 of an example ahead at
+        ``max_reuse: 5``) held the producers back while the trainer went over the same examples again:
         on two cores the pipeline stood idle from the fifth batch on (no room, no batch in flight)
         and the run kept 1,272 examples that the trainer drew 3.0 times each (docs/learning.md, tenth
         pass). That counting dates from before the engines ran below the trainer's priority, when
