@@ -30,7 +30,7 @@ class ProblemSource:
             rng = random.Random(self.cfg.run.seed)
             pool = []
             for i in range(domain.num_problems):
-                # the draw for a long problem only when asked for: the default pool stays what it was
+                # the draw for a long problem only when asked for: long_share 0 gives the pool runs drew before it
                 long = domain.long_share > 0 and rng.random() < domain.long_share
                 ops = (domain.max_ops + 1, domain.long_max_ops) if long else (domain.min_ops, domain.max_ops)
                 problem = generate_split_problem(rng, "train", *ops)
