@@ -72,8 +72,10 @@ def evaluate_run(run_dir: Path, items: int, hard_items: int, ends_only: bool = F
     models = [(0, summary["seed_model"], 0)] + [(v["version"], v["uri"], v["step"] * per_step) for v in registry]
     if ends_only:
         models = [models[0], models[-1]] if len(models) > 1 else models
-    elif every > 1:
-        models = [model for index, model in enumerate(models) if index % every == 0 or index == len(models) - 1]
+    else:  # the in-run evaluator's rule (run.eval_every), with the last published version as the last planned
+        from scrit.evaluate import eval_due
+
+        models = [model for model in models if eval_due(model[0], every, models[-1][0])]
     scores = score_models([uri for _, uri, _ in models], items, hard_items)
     return [{"version": version, "model": uri, "examples": examples, **scores[uri]}
             for version, uri, examples in models]
