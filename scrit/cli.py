@@ -48,8 +48,8 @@ def eval_command(
     prompt_style: str = typer.Option("auto", help="compact | instruct | auto (compact for seed-family models)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda (HF backend)"),
     backend: str = typer.Option("hf", help="hf | vllm (the engine that generates the critiques)"),
-    dtype: str = typer.Option("auto", help="auto (vLLM on CPU: bfloat16 where the CPU has it natively, else "
-                                           "float32) | float32 (on CPU: exactly the HF backend's scores) | bfloat16 | float16"),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU: the HF backend's scores) | float32 | bfloat16 "
+                                           "(vLLM on a CPU with AMX: ~1.8x faster) | float16"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line of stdout"),
 ) -> None:
     """Score a critic (DESIGN.md §6): EI-F1, its SCRIT variant and CC-Acc per split."""

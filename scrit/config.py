@@ -127,7 +127,7 @@ class CriticConfig(_Section):
     model: Text = SEED_MODEL  # "seed", a checkpoint directory, or an http(s) OpenAI-compatible URL
     backend: Backend = "vllm"  # vLLM: 2.7-3.8x HF's tokens/s here (README, "Engines")
     device: str = "auto"
-    dtype: DType = "auto"  # vLLM on CPU: bfloat16 where the CPU has it natively (scrit.backends.vllm_backend)
+    dtype: DType = "auto"  # float32 on CPU; bfloat16 there: faster engines, lower acc_cor (VLLMBackend's docstring)
     batch_size: AtLeast1 = 16
     max_new_tokens: AtLeast1 = 512  # the seed tokenizer is character-level: tokens = characters
     temperature: NonNegative = 0.0  # 0 = greedy

