@@ -53,6 +53,9 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line of stdout"),
 ) -> None:
     """Score a critic (DESIGN.md §6): EI-F1, its SCRIT variant and CC-Acc per split."""
+    from typing import get_args
+
+    from scrit.config import DType
     from scrit.evaluate import MODES, evaluate, load_bench
     from scrit.prompts import resolve_prompt_style
 
@@ -60,8 +63,8 @@ def eval_command(
         _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if backend not in ("hf", "vllm"):
         _fail(f"--backend must be hf or vllm, got {backend!r}")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        _fail(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if dtype not in get_args(DType):
+        _fail(f"--dtype must be one of {', '.join(get_args(DType))}, got {dtype!r}")
     try:
         items = load_bench(bench, data, split, limit)
         if not items:

@@ -68,7 +68,7 @@ def test_solve_mode_reports_accuracy():
         (["--bench", "processbench"], "needs --data"),
         (["--bench", "nope"], "unknown bench"),
         (["--mode", "sideways"], "--mode must be one of"),
-        (["--backend", "vllm", "--dtype", "fp8"], "--dtype must be auto, float32, bfloat16 or float16"),
+        (["--backend", "vllm", "--dtype", "fp8"], "--dtype must be one of auto, float32, bfloat16, float16"),
         (["--model", "/no/such/model"], "not found"),
         (["--bench", "processbench", "--data", "/no/such/dir"], "no such file"),
     ],

@@ -400,8 +400,8 @@ class VLLMBackend:
         (vLLM's CPU attention kernel, most of a step, runs on AMX), with the seed's held-out scores, but the
         default run's critic then ended with a lower acc_cor (docs/learning.md, eleventh pass), so it is
         not the default. ``kv_cache_gib=None`` is 0.25 GiB on CPU and, on GPU, what
-        ``gpu_memory_utilization`` leaves; ``enforce_eager=None`` is eager on CPU (compiling adds start-up time and was no faster on
-        the seed) and CUDA graphs on GPU. On CPU chunked prefill is off (see below). ``llm_kwargs`` go to
+        ``gpu_memory_utilization`` leaves; ``enforce_eager=None`` is eager on CPU (compiling adds start-up
+        time and was no faster on the seed) and CUDA graphs on GPU. On CPU chunked prefill is off (see below). ``llm_kwargs`` go to
         ``vllm.LLM`` unchanged."""
         self._vllm = _import_vllm()
         from vllm.platforms import current_platform
